@@ -1,0 +1,371 @@
+"""Lot binding: a component posting drawn from the lots staged for the order, or held.
+
+Lots are drawn FEFO (first expiry first; lots without expiry last), then FIFO by staging time,
+splitting across lots when one runs out. Expired, quarantined and blocked lots are never drawn and
+no lot goes below zero. What no eligible lot covers is **held** with a reason, never dropped; the
+caller raises an exception and retries it (:func:`retry_held`) when a lot is staged.
+
+When the primary material has no eligible stock left, the first alternate whose eligible stock
+covers the rest is drawn, converted by its factor and marked as a substitution (the order close
+reports it as mix variance). Rounding of the alternate to its own increment is carried like any
+other rounding. A negative posting (a correction) first cancels held quantity, then returns
+material to the lots it was drawn from, last drawn first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from fractions import Fraction
+from types import MappingProxyType
+
+from edge_agent.domain.masterdata import Alternate, MasterData
+from edge_agent.domain.quantities import conversion_factor, round_to_increment
+from edge_agent.errors import ConsumptionError
+
+ZERO = Decimal(0)
+
+
+class LotStatus(StrEnum):
+    RELEASED = "released"
+    QUARANTINED = "quarantined"
+    BLOCKED = "blocked"
+
+
+class HoldReason(StrEnum):
+    NO_STAGE = "no_stage"
+    EXPIRED = "expired"
+    QUARANTINED = "quarantined"
+    BLOCKED = "blocked"
+    INSUFFICIENT = "insufficient"
+    SINGLE_LOT_DEVIATION = "single_lot_deviation"
+
+
+@dataclass(frozen=True, slots=True)
+class Lot:
+    """A material lot staged for the order/line; ``quantity`` is what remains, in the
+    material's issue unit. A lot is expired from its ``expiry`` moment on."""
+
+    lot: str
+    material: str
+    quantity: Decimal
+    staged_at: datetime
+    expiry: datetime | None = None
+    status: LotStatus = LotStatus.RELEASED
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expiry is not None and now >= self.expiry
+
+    def is_eligible(self, now: datetime) -> bool:
+        return (
+            self.status is LotStatus.RELEASED and not self.is_expired(now) and self.quantity > 0
+        )
+
+
+def fefo_order(lots: Iterable[Lot]) -> list[Lot]:
+    """First expiry first (no expiry last), then first staged first, then by lot id."""
+    return sorted(
+        lots,
+        key=lambda lot: (lot.expiry is None, lot.expiry or lot.staged_at, lot.staged_at, lot.lot),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LotDraw:
+    """A movement against one lot: positive draws, negative returns."""
+
+    lot: str
+    material: str
+    quantity: Decimal
+    substitution: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """One allocation's share of the requirement: ``covers`` is in the primary's issue unit,
+    ``draws`` in ``material``'s; what is still outstanding (net of returns)."""
+
+    material: str
+    covers: Decimal
+    draws: tuple[LotDraw, ...]
+    #: exact primary → ``material`` factor of a substitution (1 for the primary itself)
+    factor: Fraction = Fraction(1)
+
+
+@dataclass(frozen=True, slots=True)
+class BindingState:
+    """Lot binding of one component (order, operation, primary material), carried by the
+    caller: what each allocation drew, what is held, and the substitution rounding carry."""
+
+    fills: tuple[Fill, ...] = ()
+    held: Decimal = ZERO
+    substituted: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
+    alternate_issued: Mapping[str, Decimal] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    @property
+    def drawn(self) -> Decimal:
+        """Primary-unit quantity currently bound to lots (primary and substitutes)."""
+        return sum((f.covers for f in self.fills), ZERO)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    quantity: Decimal
+    reason: HoldReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """The result of binding a posting: new state and lot balances, the movements, and what
+    was newly held (``held``) or cancelled from held (``held_cancelled``)."""
+
+    state: BindingState
+    lots: tuple[Lot, ...]
+    draws: tuple[LotDraw, ...]
+    held: Held | None = None
+    held_cancelled: Decimal = ZERO
+
+    @property
+    def substitution(self) -> bool:
+        return any(d.substitution for d in self.draws)
+
+
+def bind(
+    master: MasterData,
+    lots: Sequence[Lot],
+    state: BindingState,
+    material: str,
+    quantity: Decimal,
+    now: datetime,
+    alternates: Sequence[Alternate] = (),
+) -> Binding:
+    """Bind a posting of ``quantity`` (primary issue unit) of ``material`` to staged lots."""
+    if quantity > 0:
+        return _allocate(master, lots, state, material, quantity, now, alternates)
+    if quantity < 0:
+        return _reverse(master, lots, state, material, -quantity)
+    return Binding(state, tuple(lots), ())
+
+
+def retry_held(
+    master: MasterData,
+    lots: Sequence[Lot],
+    state: BindingState,
+    material: str,
+    now: datetime,
+    alternates: Sequence[Alternate] = (),
+) -> Binding:
+    """Try again to bind what is held, e.g. after a lot was staged or released."""
+    if state.held <= 0:
+        return Binding(state, tuple(lots), ())
+    return _allocate(master, lots, replace(state, held=ZERO), material, state.held, now, alternates)
+
+
+def _alternate_factor(master: MasterData, primary: str, alternate: Alternate) -> Fraction:
+    alt = master.materials[alternate.material]
+    return Fraction(alternate.factor) * conversion_factor(
+        master.materials[primary].uom, alt.uom, alt.density
+    )
+
+
+def _draw(lots: dict[str, Lot], chosen: Sequence[Lot], amount: Decimal, sub: bool) -> list[LotDraw]:
+    draws = []
+    for lot in chosen:
+        if amount <= 0:
+            break
+        take = min(lot.quantity, amount)
+        lots[lot.lot] = replace(lot, quantity=lot.quantity - take)
+        draws.append(LotDraw(lot.lot, lot.material, take, sub))
+        amount -= take
+    assert amount <= 0, "caller checked the lots cover the amount"
+    return draws
+
+
+def _allocate(
+    master: MasterData,
+    lots_in: Sequence[Lot],
+    state: BindingState,
+    material: str,
+    quantity: Decimal,
+    now: datetime,
+    alternates: Sequence[Alternate],
+) -> Binding:
+    lots = {lot.lot: lot for lot in lots_in}
+    fills = list(state.fills)
+    movements: list[LotDraw] = []
+    remaining = quantity
+    primary = master.materials[material]
+    eligible = fefo_order(lot for lot in lots.values() if lot.material == material
+                          and lot.is_eligible(now))
+    deviation = False
+    if primary.single_lot_per_operation and eligible:
+        used = {d.lot for f in fills if f.material == material for d in f.draws}
+        # once a lot is in use it is the only one; when it is gone a new lot is a second lot
+        candidates = [lot for lot in eligible if lot.lot in used][:1] if used else eligible[:1]
+        if candidates and candidates[0].quantity >= remaining:
+            draws = _draw(lots, candidates[:1], remaining, False)
+            fills.append(Fill(material, remaining, tuple(draws)))
+            movements += draws
+            remaining = ZERO
+        else:
+            deviation = True
+    elif eligible:
+        take = min(remaining, sum((lot.quantity for lot in eligible), ZERO))
+        draws = _draw(lots, eligible, take, False)
+        fills.append(Fill(material, take, tuple(draws)))
+        movements += draws
+        remaining -= take
+
+    substituted = dict(state.substituted)
+    alt_issued = dict(state.alternate_issued)
+    if remaining > 0 and not deviation:
+        for alternate in alternates:
+            alt = master.materials[alternate.material]
+            k = _alternate_factor(master, material, alternate)
+            covered = substituted.get(alt.id, ZERO) + remaining
+            target = round_to_increment(Fraction(covered) * k, alt.increment, alt.rounding)
+            need = target - alt_issued.get(alt.id, ZERO)
+            alt_lots = fefo_order(
+                lot for lot in lots.values() if lot.material == alt.id and lot.is_eligible(now)
+            )
+            if alt.single_lot_per_operation:
+                alt_lots = alt_lots[:1]
+            if sum((lot.quantity for lot in alt_lots), ZERO) < need:
+                continue
+            draws = _draw(lots, alt_lots, need, True)
+            fills.append(Fill(alt.id, remaining, tuple(draws), k))
+            movements += draws
+            substituted[alt.id] = covered
+            alt_issued[alt.id] = target
+            remaining = ZERO
+            break
+
+    held = None
+    if remaining > 0:
+        reason, detail = _hold_reason(master, lots.values(), material, alternates, now, deviation)
+        held = Held(remaining, reason, detail)
+    new_state = BindingState(
+        tuple(fills),
+        state.held + remaining,
+        MappingProxyType(substituted),
+        MappingProxyType(alt_issued),
+    )
+    return Binding(new_state, tuple(lots.values()), tuple(movements), held)
+
+
+def _hold_reason(
+    master: MasterData,
+    lots: Iterable[Lot],
+    material: str,
+    alternates: Sequence[Alternate],
+    now: datetime,
+    deviation: bool,
+) -> tuple[HoldReason, str]:
+    staged = [lot for lot in lots if lot.material == material]
+    if deviation:
+        return HoldReason.SINGLE_LOT_DEVIATION, (
+            f"{material} is single-lot per operation and the lot in use cannot cover the "
+            "requirement: a second lot needs a deviation"
+        )
+    alt_note = (
+        f"; no alternate ({', '.join(a.material for a in alternates)}) covers the rest"
+        if alternates
+        else ""
+    )
+    if not staged:
+        return HoldReason.NO_STAGE, f"no lot of {material} is staged{alt_note}"
+    with_stock = [lot for lot in staged if lot.quantity > 0]
+    blocked = [lot for lot in with_stock if not lot.is_eligible(now)]
+    if not with_stock or len(blocked) < len(with_stock):
+        return HoldReason.INSUFFICIENT, f"staged lots of {material} are used up{alt_note}"
+
+    def names(xs: list[Lot]) -> str:
+        return ", ".join(lot.lot for lot in xs)
+
+    for reason, pick in (
+        (HoldReason.EXPIRED, [lot for lot in blocked if lot.is_expired(now)]),
+        (HoldReason.QUARANTINED, [lot for lot in blocked if lot.status is LotStatus.QUARANTINED]),
+        (HoldReason.BLOCKED, [lot for lot in blocked if lot.status is LotStatus.BLOCKED]),
+    ):
+        if pick:
+            return reason, f"lots of {material} with stock are {reason.value}: {names(pick)}{alt_note}"
+    raise AssertionError("a lot with stock that is not eligible is expired or not released")
+
+
+def _reverse(
+    master: MasterData,
+    lots_in: Sequence[Lot],
+    state: BindingState,
+    material: str,
+    amount: Decimal,
+) -> Binding:
+    lots = {lot.lot: lot for lot in lots_in}
+    cancelled = min(amount, state.held)
+    amount -= cancelled
+    if amount > state.drawn:
+        raise ConsumptionError(
+            f"a return of {amount} {master.materials[material].uom} of {material} exceeds what "
+            f"is bound to lots ({state.drawn})"
+        )
+    fills = [replace(f, draws=tuple(f.draws)) for f in state.fills]
+    substituted = dict(state.substituted)
+    alt_issued = dict(state.alternate_issued)
+    movements: list[LotDraw] = []
+    i = len(fills) - 1
+    while amount > 0:
+        fill = fills[i]
+        take = min(amount, fill.covers)
+        fills[i] = replace(fill, covers=fill.covers - take)
+        amount -= take
+        if fill.material == material:
+            give_back = take
+        else:
+            alt = master.materials[fill.material]
+            substituted[alt.id] = substituted[alt.id] - take
+            target = round_to_increment(
+                Fraction(substituted[alt.id]) * fill.factor, alt.increment, alt.rounding
+            )
+            give_back = alt_issued[alt.id] - target
+            alt_issued[alt.id] = target
+        movements += _return(lots, fills, i, fill.material, give_back)
+        i -= 1
+    kept = tuple(f for f in fills if f.covers > 0 or any(d.quantity > 0 for d in f.draws))
+    new_state = BindingState(
+        kept, state.held - cancelled, MappingProxyType(substituted), MappingProxyType(alt_issued)
+    )
+    return Binding(new_state, tuple(lots.values()), tuple(movements), held_cancelled=cancelled)
+
+
+def _return(
+    lots: dict[str, Lot], fills: list[Fill], start: int, material: str, amount: Decimal
+) -> list[LotDraw]:
+    """Give ``amount`` of ``material`` back to the lots it was drawn from, last drawn first."""
+    movements = []
+    for j in range(start, -1, -1):
+        if amount <= 0:
+            break
+        fill = fills[j]
+        if fill.material != material:
+            continue
+        draws = list(fill.draws)
+        for n in range(len(draws) - 1, -1, -1):
+            if amount <= 0:
+                break
+            back = min(amount, draws[n].quantity)
+            if back <= 0:
+                continue
+            d = draws[n]
+            draws[n] = replace(d, quantity=d.quantity - back)
+            if d.lot in lots:
+                lots[d.lot] = replace(lots[d.lot], quantity=lots[d.lot].quantity + back)
+            movements.append(LotDraw(d.lot, d.material, -back, d.substitution))
+            amount -= back
+        fills[j] = replace(fill, draws=tuple(draws))
+    assert amount <= 0, "returns never exceed what was drawn"
+    return movements

@@ -18,8 +18,8 @@ class InputError(EdgeAgentError):
     """
 
 
-class MasterDataError(InputError):
-    """Master data (materials, BOMs) failed validation.
+class InvalidDocumentError(InputError):
+    """A document (master data, staged lots, configuration) failed validation.
 
     ``problems`` holds one self-contained message per problem, each naming the document, the
     line and the field, so a user can fix them all in one pass.
@@ -27,7 +27,11 @@ class MasterDataError(InputError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = tuple(problems)
-        super().__init__("; ".join(problems) if problems else "invalid master data")
+        super().__init__("; ".join(problems) if problems else "invalid document")
+
+
+class MasterDataError(InvalidDocumentError):
+    """Master data (materials, BOMs) failed validation."""
 
 
 class UnitError(InputError):
@@ -38,5 +42,5 @@ class ConsumptionError(InputError):
     """A confirmation cannot be applied (e.g. a correction below what was confirmed)."""
 
 
-class LotDataError(InputError):
+class LotDataError(InvalidDocumentError):
     """Staged lot data failed validation."""

@@ -18,7 +18,7 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from edge_agent.domain.explosion import Component, ExplodedBom
+from edge_agent.domain.explosion import Component, ComponentKey, ExplodedBom
 from edge_agent.domain.masterdata import MasterData, PostingMethod, parse_decimal
 from edge_agent.domain.quantities import convert, round_to_increment
 from edge_agent.errors import ConsumptionError
@@ -51,9 +51,6 @@ class ComponentProgress:
     measured: Fraction = Fraction(0)
 
 
-ComponentKey = tuple[str, str, PostingMethod]  # (operation, material, method)
-
-
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -66,9 +63,7 @@ def _frozen(d: Mapping[K, V]) -> Mapping[K, V]:
 class ConsumptionState:
     """The rounding carry and progress of one order: small, immutable, persisted by the caller."""
 
-    operations: Mapping[str, OperationProgress] = field(
-        default_factory=lambda: _frozen({})
-    )
+    operations: Mapping[str, OperationProgress] = field(default_factory=lambda: _frozen({}))
     components: Mapping[ComponentKey, ComponentProgress] = field(
         default_factory=lambda: _frozen({})
     )

@@ -22,6 +22,9 @@ from edge_agent.domain.masterdata import (
 )
 from edge_agent.domain.quantities import conversion_factor
 
+#: (operation, material, posting method): what rounding is carried per, on one order
+ComponentKey = tuple[str, str, PostingMethod]
+
 
 @dataclass(frozen=True, slots=True)
 class Component:
@@ -43,7 +46,7 @@ class Component:
     origin: tuple[tuple[str, ...], ...] = ()
 
     @property
-    def key(self) -> tuple[str, str, PostingMethod]:
+    def key(self) -> ComponentKey:
         return (self.operation, self.material, self.method)
 
 
@@ -69,8 +72,10 @@ class ExplodedBom:
         self, operation: str, material: str, method: PostingMethod | None = None
     ) -> Component | None:
         for c in self.components:
-            if c.operation == operation and c.material == material and (
-                method is None or c.method is method
+            if (
+                c.operation == operation
+                and c.material == material
+                and (method is None or c.method is method)
             ):
                 return c
         return None
@@ -83,7 +88,7 @@ def explode(master: MasterData, bom: Bom, as_of: datetime | None = None) -> Expl
     setups add), because rounding is carried per order, operation and material.
     """
     leaves = _flatten(master, bom, Fraction(1), Fraction(0), None, (), as_of)
-    merged: dict[tuple[str, str, PostingMethod], Component] = {}
+    merged: dict[ComponentKey, Component] = {}
     for leaf in leaves:
         prior = merged.get(leaf.key)
         if prior is None:
@@ -162,7 +167,5 @@ def _flatten(
 def _line_rate(line: BomLine, bom: Bom) -> Fraction:
     """Line quantity per one unit of the BOM's unit, with component scrap."""
     return (
-        Fraction(line.quantity)
-        / Fraction(bom.base_quantity)
-        * (1 + Fraction(line.scrap_pct) / 100)
+        Fraction(line.quantity) / Fraction(bom.base_quantity) * (1 + Fraction(line.scrap_pct) / 100)
     )

@@ -21,10 +21,19 @@ from decimal import Decimal
 from enum import StrEnum
 from fractions import Fraction
 from types import MappingProxyType
+from typing import Any
 
-from edge_agent.domain.masterdata import Alternate, MasterData
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.domain.masterdata import (
+    Alternate,
+    DecimalStr,
+    MasterData,
+    Timestamp,
+    describe_errors,
+)
 from edge_agent.domain.quantities import conversion_factor, round_to_increment
-from edge_agent.errors import ConsumptionError
+from edge_agent.errors import ConsumptionError, LotDataError
 
 ZERO = Decimal(0)
 
@@ -60,9 +69,7 @@ class Lot:
         return self.expiry is not None and now >= self.expiry
 
     def is_eligible(self, now: datetime) -> bool:
-        return (
-            self.status is LotStatus.RELEASED and not self.is_expired(now) and self.quantity > 0
-        )
+        return self.status is LotStatus.RELEASED and not self.is_expired(now) and self.quantity > 0
 
 
 def fefo_order(lots: Iterable[Lot]) -> list[Lot]:
@@ -103,9 +110,7 @@ class BindingState:
     fills: tuple[Fill, ...] = ()
     held: Decimal = ZERO
     substituted: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
-    alternate_issued: Mapping[str, Decimal] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    alternate_issued: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def drawn(self) -> Decimal:
@@ -201,8 +206,9 @@ def _allocate(
     movements: list[LotDraw] = []
     remaining = quantity
     primary = master.materials[material]
-    eligible = fefo_order(lot for lot in lots.values() if lot.material == material
-                          and lot.is_eligible(now))
+    eligible = fefo_order(
+        lot for lot in lots.values() if lot.material == material and lot.is_eligible(now)
+    )
     deviation = False
     if primary.single_lot_per_operation and eligible:
         used = {d.lot for f in fills if f.material == material for d in f.draws}
@@ -294,7 +300,10 @@ def _hold_reason(
         (HoldReason.BLOCKED, [lot for lot in blocked if lot.status is LotStatus.BLOCKED]),
     ):
         if pick:
-            return reason, f"lots of {material} with stock are {reason.value}: {names(pick)}{alt_note}"
+            return (
+                reason,
+                f"lots of {material} with stock are {reason.value}: {names(pick)}{alt_note}",
+            )
     raise AssertionError("a lot with stock that is not eligible is expired or not released")
 
 
@@ -369,3 +378,60 @@ def _return(
         fills[j] = replace(fill, draws=tuple(draws))
     assert amount <= 0, "returns never exceed what was drawn"
     return movements
+
+
+# --------------------------------------------------------------------------- staged-lots document
+
+
+class LotDoc(BaseModel):
+    """A staged lot on the wire; ``uom``, when given, must be the material's issue unit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    lot: str = Field(min_length=1)
+    material: str = Field(min_length=1)
+    quantity: DecimalStr = Field(ge=0)
+    uom: str | None = None
+    expiry: Timestamp | None = None
+    status: LotStatus = LotStatus.RELEASED
+    staged_at: Timestamp
+
+
+class LotsDoc(BaseModel):
+    """The staged-lots document: ``{"lots": [...]}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lots: tuple[LotDoc, ...] = ()
+
+
+def load_lots(data: Mapping[str, Any] | str | bytes, master: MasterData) -> tuple[Lot, ...]:
+    """Parse and validate a staged-lots document against the master data."""
+    try:
+        if isinstance(data, str | bytes):
+            doc = LotsDoc.model_validate_json(data)
+        else:
+            doc = LotsDoc.model_validate(data)
+    except ValidationError as exc:
+        raise LotDataError(describe_errors(exc, data)) from None
+    problems: list[str] = []
+    seen: set[str] = set()
+    lots = []
+    for i, d in enumerate(doc.lots):
+        at = f"lots[{i}] ({d.lot})"
+        material = master.materials.get(d.material)
+        if d.lot in seen:
+            problems.append(f"{at} › lot: duplicate lot {d.lot!r}")
+        seen.add(d.lot)
+        if material is None:
+            problems.append(f"{at} › material: unknown material {d.material!r}")
+            continue
+        if d.uom is not None and d.uom != material.uom:
+            problems.append(
+                f"{at} › uom: lot quantities are in the material's issue unit "
+                f"{material.uom!r} (got {d.uom!r})"
+            )
+        lots.append(Lot(d.lot, d.material, d.quantity, d.staged_at, d.expiry, d.status))
+    if problems:
+        raise LotDataError(problems)
+    return tuple(lots)

@@ -25,8 +25,8 @@ from pydantic import (
     field_validator,
 )
 
-from edge_agent.domain.quantities import Rounding, UnitError, conversion_factor, unit
-from edge_agent.errors import MasterDataError
+from edge_agent.domain.quantities import Rounding, conversion_factor, unit
+from edge_agent.errors import MasterDataError, UnitError
 
 #: Bounds on a decimal string on the wire. They keep every sum and difference of quantities exact
 #: in Decimal's default 28-digit context, and no real quantity comes near them.
@@ -41,7 +41,7 @@ def parse_decimal(value: object) -> Decimal:
     0.1 is not exactly 0.1 there.
     """
     if isinstance(value, bool):
-        raise ValueError(f"must be a decimal string such as \"1.5\" (got {value!r})")
+        raise ValueError(f'must be a decimal string such as "1.5" (got {value!r})')
     if isinstance(value, int):
         value = str(value)
     if isinstance(value, Decimal):
@@ -50,10 +50,10 @@ def parse_decimal(value: object) -> Decimal:
         try:
             d = Decimal(value.strip())
         except InvalidOperation:
-            raise ValueError(f"must be a decimal string such as \"1.5\" (got {value!r})") from None
+            raise ValueError(f'must be a decimal string such as "1.5" (got {value!r})') from None
     else:
         raise ValueError(
-            f"must be a decimal string such as \"1.5\" (got {type(value).__name__} {value!r}; "
+            f'must be a decimal string such as "1.5" (got {type(value).__name__} {value!r}; '
             "quantities are exact decimal strings, never JSON numbers with a fraction)"
         )
     if not d.is_finite():
@@ -78,7 +78,7 @@ def parse_timestamp(value: object) -> datetime:
             dt = datetime.fromisoformat(value)
         except ValueError:
             raise ValueError(
-                f"must be an ISO-8601 date or date-time such as \"2026-01-31\" (got {value!r})"
+                f'must be an ISO-8601 date or date-time such as "2026-01-31" (got {value!r})'
             ) from None
     else:
         raise ValueError(f"must be an ISO-8601 date or date-time string (got {value!r})")
@@ -267,8 +267,9 @@ class MasterData:
                 [f"no revision {revision!r} of BOM {product!r} (revisions: {known})"]
             )
         in_effect = [
-            b for b in revisions if as_of is None or b.effective_from is None
-            or b.effective_from <= as_of
+            b
+            for b in revisions
+            if as_of is None or b.effective_from is None or b.effective_from <= as_of
         ]
         if not in_effect:
             raise MasterDataError(
@@ -292,20 +293,29 @@ def load_master_data(data: Mapping[str, Any] | str | bytes) -> MasterData:
         else:
             doc = MasterDataDoc.model_validate(data)
     except ValidationError as exc:
-        raw = _raw_for_paths(data)
-        errors = exc.errors()
-        # a list whose item failed is also reported "too short"; the item's error says more
-        errors = [
-            e for e in errors
-            if not (e["type"] == "too_short" and any(
-                o is not e and tuple(o["loc"][: len(e["loc"])]) == tuple(e["loc"]) for o in errors
-            ))
-        ]
-        raise MasterDataError([_describe(err, raw) for err in errors]) from None
+        raise MasterDataError(describe_errors(exc, data)) from None
     return _build(doc)
 
 
-def _raw_for_paths(data: Mapping[str, Any] | str | bytes) -> Any:
+def describe_errors(exc: ValidationError, data: object) -> list[str]:
+    """Pydantic errors as one message each, naming the document, the line and the field."""
+    raw = _raw_for_paths(data)
+    errors = exc.errors()
+    # a list whose item failed is also reported "too short"; the item's error says more
+    errors = [
+        e
+        for e in errors
+        if not (
+            e["type"] == "too_short"
+            and any(
+                o is not e and tuple(o["loc"][: len(e["loc"])]) == tuple(e["loc"]) for o in errors
+            )
+        )
+    ]
+    return [_describe(err, raw) for err in errors]
+
+
+def _raw_for_paths(data: object) -> Any:
     if isinstance(data, str | bytes):
         import json  # noqa: PLC0415  (only needed to name documents in an error message)
 
@@ -456,9 +466,7 @@ def _check_bom(master: MasterData, bom: Bom, here: str) -> list[str]:
         at = _line_where(here, line)
         if line.phantom:
             if line.material not in products:
-                problems.append(
-                    f"{at} › phantom: no BOM for phantom assembly {line.material!r}"
-                )
+                problems.append(f"{at} › phantom: no BOM for phantom assembly {line.material!r}")
                 continue
             density = (
                 master.materials[line.material].density
@@ -471,8 +479,11 @@ def _check_bom(master: MasterData, bom: Bom, here: str) -> list[str]:
                 except UnitError as exc:
                     problems.append(
                         f"{at} › uom: {exc} to explode into BOM {sub.ref}"
-                        + (f" (set density on material {line.material!r})"
-                           if "density" in str(exc) else "")
+                        + (
+                            f" (set density on material {line.material!r})"
+                            if "density" in str(exc)
+                            else ""
+                        )
                     )
             continue
         material = master.materials.get(line.material)
@@ -523,9 +534,7 @@ def _check_phantom_cycles(master: MasterData) -> list[str]:
                 cycle = [*path[path.index(child) :], child]
                 if frozenset(cycle) not in reported:
                     reported.add(frozenset(cycle))
-                    problems.append(
-                        f"BOM {cycle[0]} › phantom cycle: {' → '.join(cycle)}"
-                    )
+                    problems.append(f"BOM {cycle[0]} › phantom cycle: {' → '.join(cycle)}")
             else:
                 visit(child, [*path, child])
 

@@ -101,9 +101,7 @@ def conversion_factor(from_uom: str, to_uom: str, density: Decimal | None = None
         # base units are kg and L, and density is kg per L
         d = Fraction(density)
         return factor * d if src.dimension is Dimension.VOLUME else factor / d
-    raise UnitError(
-        f"cannot convert {from_uom} ({src.dimension}) to {to_uom} ({dst.dimension})"
-    )
+    raise UnitError(f"cannot convert {from_uom} ({src.dimension}) to {to_uom} ({dst.dimension})")
 
 
 def convert(amount: Exact, from_uom: str, to_uom: str, density: Decimal | None = None) -> Fraction:
@@ -134,9 +132,10 @@ def round_to_increment(value: Exact, increment: Decimal, mode: Rounding) -> Deci
     sign = -1 if steps < 0 else 1
     magnitude = abs(steps)
     whole, rest = divmod(magnitude.numerator, magnitude.denominator)
-    if rest:
-        if mode is Rounding.UP or (mode is Rounding.HALF_UP and 2 * rest >= magnitude.denominator):
-            whole += 1
+    if rest and (
+        mode is Rounding.UP or (mode is Rounding.HALF_UP and 2 * rest >= magnitude.denominator)
+    ):
+        whole += 1
     return _scaled(sign * whole * _coefficient(increment), _exponent(increment))
 
 

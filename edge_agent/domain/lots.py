@@ -291,19 +291,14 @@ def _hold_reason(
     if not with_stock or len(blocked) < len(with_stock):
         return HoldReason.INSUFFICIENT, f"staged lots of {material} are used up{alt_note}"
 
-    def names(xs: list[Lot]) -> str:
-        return ", ".join(lot.lot for lot in xs)
+    def cause(lot: Lot) -> str:
+        return "expired" if lot.is_expired(now) else lot.status.value
 
-    for reason, pick in (
-        (HoldReason.EXPIRED, [lot for lot in blocked if lot.is_expired(now)]),
-        (HoldReason.QUARANTINED, [lot for lot in blocked if lot.status is LotStatus.QUARANTINED]),
-        (HoldReason.BLOCKED, [lot for lot in blocked if lot.status is LotStatus.BLOCKED]),
-    ):
-        if pick:
-            return (
-                reason,
-                f"lots of {material} with stock are {reason.value}: {names(pick)}{alt_note}",
-            )
+    listed = ", ".join(f"{lot.lot} {cause(lot)}" for lot in blocked)
+    # the reason is the most actionable cause: an expired lot first, then a quarantined one
+    for reason in (HoldReason.EXPIRED, HoldReason.QUARANTINED, HoldReason.BLOCKED):
+        if any(cause(lot) == reason.value for lot in blocked):
+            return reason, f"the lots of {material} with stock are not usable: {listed}{alt_note}"
     raise AssertionError("a lot with stock that is not eligible is expired or not released")
 
 

@@ -364,7 +364,7 @@ def _node_name(node: Any) -> str | None:
         return None
     if "product" in node:
         return f"BOM {node.get('product')} rev {node.get('revision')}"
-    for key in ("material", "id"):
+    for key in ("lot", "material", "id"):
         if isinstance(node.get(key), str):
             return str(node[key])
     return None

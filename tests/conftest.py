@@ -1,0 +1,15 @@
+"""Shared test set-up.
+
+Hypothesis' per-example deadline is a wall-clock threshold, and these machines are shared and
+noisy, so it is off; ``HYPOTHESIS_PROFILE=thorough`` runs many more examples.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("default", deadline=None)
+settings.register_profile(
+    "thorough", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -114,16 +114,22 @@ def run_calc(
     confirmations: Sequence[ConfirmationInput],
     now: datetime,
     lots: Sequence[Lot] | None = None,
+    state: ConsumptionState | None = None,
+    bindings: dict[ComponentKey, BindingState] | None = None,
 ) -> CalcResult:
-    """Apply ``confirmations`` in order at ``operation``; bind each posting when ``lots`` given."""
+    """Apply ``confirmations`` in order at ``operation``; bind each posting when ``lots`` given.
+
+    ``state`` and ``bindings`` carry an order's progress from an earlier run (another operation
+    of the same order); by default the order starts fresh.
+    """
     if operation not in bom.operations:
         known = ", ".join(bom.operations)
         raise InputError(
             f"operation {operation!r} has no lines in BOM {bom.ref} (operations: {known})"
         )
-    state = ConsumptionState()
+    state = state if state is not None else ConsumptionState()
     current = tuple(lots) if lots is not None else None
-    bindings: dict[ComponentKey, BindingState] = {}
+    bindings = dict(bindings or {})
     records = []
     for n, c in enumerate(confirmations, start=1):
         result = confirm(master, bom, state, operation, c.good, c.scrap)

@@ -343,7 +343,17 @@ def _reverse(
     new_state = BindingState(
         kept, state.held - cancelled, MappingProxyType(substituted), MappingProxyType(alt_issued)
     )
-    return Binding(new_state, tuple(lots.values()), tuple(movements), held_cancelled=cancelled)
+    return Binding(new_state, tuple(lots.values()), _merged(movements), held_cancelled=cancelled)
+
+
+def _merged(movements: Sequence[LotDraw]) -> tuple[LotDraw, ...]:
+    """One movement per lot, in the order the lots were first touched."""
+    merged: dict[tuple[str, bool], LotDraw] = {}
+    for d in movements:
+        key = (d.lot, d.substitution)
+        prior = merged.get(key)
+        merged[key] = d if prior is None else replace(prior, quantity=prior.quantity + d.quantity)
+    return tuple(merged.values())
 
 
 def _return(

@@ -363,3 +363,39 @@ def test_binding_never_goes_below_zero_never_touches_an_ineligible_lot_and_conse
             (start[x.lot].quantity - x.quantity for x in lots if x.material == "P"), D(0)
         )
         assert primary_drawn + sum(state.substituted.values(), D(0)) == state.drawn
+
+
+def test_correction_after_a_substitution_returns_the_alternate_first() -> None:
+    m = md()
+    b1 = bind(
+        m,
+        [lot("P1", "1"), lot("G1", "5000", material="ALT-G")],
+        BindingState(),
+        "P",
+        D("1.2345"),
+        NOW,
+        ALTS,
+    )
+    b2 = bind(m, b1.lots, b1.state, "P", D("-0.5"), NOW)
+    # the substitution was drawn last: 0.2345 kg of cover → its 235 g go back, then 0.2655 kg
+    assert [(d.lot, d.quantity, d.substitution) for d in b2.draws] == [
+        ("G1", D(-235), True),
+        ("P1", D("-0.2655"), False),
+    ]
+    assert {x.lot: x.quantity for x in b2.lots} == {"P1": D("0.2655"), "G1": D(5000)}
+    assert b2.state.substituted["ALT-G"] == 0
+    assert b2.state.alternate_issued["ALT-G"] == 0
+
+
+def test_partial_return_of_a_substitution_keeps_its_rounding_carry() -> None:
+    m = md()
+    lots: tuple[Lot, ...] = (lot("G1", "5000", material="ALT-G"),)
+    state = BindingState()
+    for _ in range(10):  # 10 × 0.4 g, rounding up cumulatively: 4 g drawn
+        b = bind(m, lots, state, "P", D("0.0004"), NOW, ALTS)
+        state, lots = b.state, b.lots
+    back = bind(m, lots, state, "P", D("-0.0025"), NOW)
+    # 1.5 g stays substituted → 2 g rounded up, so 2 of the 4 g go back
+    assert [(d.lot, d.quantity) for d in back.draws] == [("G1", D(-2))]
+    assert back.state.alternate_issued["ALT-G"] == 2
+    assert {x.lot: x.quantity for x in back.lots} == {"G1": D(4998)}

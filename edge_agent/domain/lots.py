@@ -23,14 +23,14 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.domain.masterdata import (
     Alternate,
     DecimalStr,
     MasterData,
     Timestamp,
-    describe_errors,
+    parse_document,
 )
 from edge_agent.domain.quantities import conversion_factor, round_to_increment
 from edge_agent.errors import ConsumptionError, LotDataError
@@ -412,13 +412,7 @@ class LotsDoc(BaseModel):
 
 def load_lots(data: Mapping[str, Any] | str | bytes, master: MasterData) -> tuple[Lot, ...]:
     """Parse and validate a staged-lots document against the master data."""
-    try:
-        if isinstance(data, str | bytes):
-            doc = LotsDoc.model_validate_json(data)
-        else:
-            doc = LotsDoc.model_validate(data)
-    except ValidationError as exc:
-        raise LotDataError(describe_errors(exc, data)) from None
+    doc = parse_document(LotsDoc, data, LotDataError)
     problems: list[str] = []
     seen: set[str] = set()
     lots = []

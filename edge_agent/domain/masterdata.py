@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from edge_agent.domain.quantities import Rounding, conversion_factor, unit
-from edge_agent.errors import MasterDataError, UnitError
+from edge_agent.errors import InvalidDocumentError, MasterDataError, UnitError
 
 #: Bounds on a decimal string on the wire. They keep every sum and difference of quantities exact
 #: in Decimal's default 28-digit context, and no real quantity comes near them.
@@ -285,16 +285,27 @@ def _effective_key(b: Bom) -> datetime:
 # --------------------------------------------------------------------------- loading
 
 
-def load_master_data(data: Mapping[str, Any] | str | bytes) -> MasterData:
-    """Parse and validate a master-data document; every problem found is reported at once."""
+DocT = TypeVar("DocT", bound=BaseModel)
+
+
+def parse_document(
+    model: type[DocT],
+    data: Mapping[str, Any] | str | bytes,
+    error: type[InvalidDocumentError],
+) -> DocT:
+    """Parse a document (a mapping or JSON text) with its typed model; field errors become
+    ``error`` with one message per problem, naming the document, the line and the field."""
     try:
         if isinstance(data, str | bytes):
-            doc = MasterDataDoc.model_validate_json(data)
-        else:
-            doc = MasterDataDoc.model_validate(data)
+            return model.model_validate_json(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise MasterDataError(describe_errors(exc, data)) from None
-    return _build(doc)
+        raise error(describe_errors(exc, data)) from None
+
+
+def load_master_data(data: Mapping[str, Any] | str | bytes) -> MasterData:
+    """Parse and validate a master-data document; every problem found is reported at once."""
+    return _build(parse_document(MasterDataDoc, data, MasterDataError))
 
 
 def describe_errors(exc: ValidationError, data: object) -> list[str]:

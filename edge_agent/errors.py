@@ -44,3 +44,7 @@ class ConsumptionError(InputError):
 
 class LotDataError(InvalidDocumentError):
     """Staged lot data failed validation."""
+
+
+class SignalError(EdgeAgentError):
+    """A PLC signal cannot be used: bad or uncertain quality, a value out of range."""

@@ -8,10 +8,11 @@ densities, duplicate revisions) and names the BOM, the line and the field in eve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
@@ -21,8 +22,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from edge_agent.domain.quantities import Rounding, conversion_factor, unit
@@ -32,6 +35,11 @@ from edge_agent.errors import InvalidDocumentError, MasterDataError, UnitError
 #: in Decimal's default 28-digit context, and no real quantity comes near them.
 MAX_INTEGER_DIGITS = 15
 MAX_DECIMAL_PLACES = 12
+
+
+#: ASCII digits, an optional sign, point and exponent: what every MES and spreadsheet writes.
+#: (Python's Decimal also takes "1_000", " 1 " and non-ASCII digits; the contract does not.)
+_DECIMAL_SYNTAX = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 def parse_decimal(value: object) -> Decimal:
@@ -47,10 +55,9 @@ def parse_decimal(value: object) -> Decimal:
     if isinstance(value, Decimal):
         d = value
     elif isinstance(value, str):
-        try:
-            d = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError(f'must be a decimal string such as "1.5" (got {value!r})') from None
+        if not _DECIMAL_SYNTAX.fullmatch(value):
+            raise ValueError(f'must be a decimal string such as "1.5" (got {value!r})')
+        d = Decimal(value)
     else:
         raise ValueError(
             f'must be a decimal string such as "1.5" (got {type(value).__name__} {value!r}; '
@@ -123,9 +130,9 @@ class MaterialDoc(_Doc):
     increment: DecimalStr = Field(gt=0)
     rounding: Rounding = Rounding.HALF_UP
     density: DecimalStr | None = Field(default=None, gt=0)
-    potency_managed: bool = False
-    serialized: bool = False
-    single_lot_per_operation: bool = False
+    potency_managed: StrictBool = False
+    serialized: StrictBool = False
+    single_lot_per_operation: StrictBool = False
     description: str | None = None
 
     _known_uom = field_validator("uom")(classmethod(lambda cls, v: _known_unit(v)))
@@ -148,12 +155,28 @@ class BomLineDoc(_Doc):
     method: PostingMethod = PostingMethod.BACKFLUSH
     scrap_pct: DecimalStr = Field(default=Decimal(0), ge=0, le=1000)
     setup_quantity: DecimalStr = Field(default=Decimal(0), ge=0)
-    phantom: bool = False
+    phantom: StrictBool = False
     alternates: tuple[Annotated[AlternateDoc, BeforeValidator(_alternate)], ...] = ()
     tolerance_pct: DecimalStr | None = Field(default=None, ge=0, le=100)
     description: str | None = None
 
     _known_uom = field_validator("uom")(classmethod(lambda cls, v: _known_unit(v)))
+
+    @model_validator(mode="after")
+    def _phantom_has_no_posting_fields(self) -> BomLineDoc:
+        if self.phantom:
+            given = [
+                name
+                for name in ("method", "alternates", "tolerance_pct")
+                if name in self.model_fields_set
+                and (name != "method" or self.method is not PostingMethod.BACKFLUSH)
+            ]
+            if given:
+                raise ValueError(
+                    f"a phantom line is exploded into its sub-BOM's lines: {', '.join(given)} "
+                    "belong on those lines, not on the phantom"
+                )
+        return self
 
 
 class BomDoc(_Doc):
@@ -472,30 +495,10 @@ def _line_where(here: str, line: BomLine) -> str:
 
 def _check_bom(master: MasterData, bom: Bom, here: str) -> list[str]:
     problems: list[str] = []
-    products = {p for p, _ in master.boms}
     for line in bom.lines:
         at = _line_where(here, line)
         if line.phantom:
-            if line.material not in products:
-                problems.append(f"{at} › phantom: no BOM for phantom assembly {line.material!r}")
-                continue
-            density = (
-                master.materials[line.material].density
-                if line.material in master.materials
-                else None
-            )
-            for sub in master.revisions(line.material):
-                try:
-                    conversion_factor(line.uom, sub.uom, density)
-                except UnitError as exc:
-                    problems.append(
-                        f"{at} › uom: {exc} to explode into BOM {sub.ref}"
-                        + (
-                            f" (set density on material {line.material!r})"
-                            if "density" in str(exc)
-                            else ""
-                        )
-                    )
+            problems += _check_phantom_line(master, line, at)
             continue
         material = master.materials.get(line.material)
         if material is None:
@@ -506,19 +509,47 @@ def _check_bom(master: MasterData, bom: Bom, here: str) -> list[str]:
             flag = "potency_managed" if material.potency_managed else "serialized"
             problems.append(
                 f"{at} › method: 'backflush' is not allowed for {flag} material "
-                f"{material.id!r}; use 'weigh' or 'manual'"
+                f"{material.id!r}; use 'weigh', 'meter' or 'manual'"
             )
         if line.method is PostingMethod.WEIGH and line.tolerance_pct is None:
             problems.append(f"{at} › tolerance_pct: a 'weigh' line needs a tolerance_pct")
-        for j, alt in enumerate(line.alternates):
-            alt_at = f"{at} › alternates[{j}] ({alt.material})"
-            alt_material = master.materials.get(alt.material)
-            if alt_material is None:
-                problems.append(f"{alt_at}: unknown material {alt.material!r}")
-            elif alt.material == line.material:
-                problems.append(f"{alt_at}: a material cannot be its own alternate")
-            else:
-                problems += _check_conversion(alt_at, "uom", material.uom, alt_material)
+        problems += _check_alternates(master, line, material, at)
+    return problems
+
+
+def _check_phantom_line(master: MasterData, line: BomLine, at: str) -> list[str]:
+    revisions = master.revisions(line.material)
+    if not revisions:
+        return [f"{at} › phantom: no BOM for phantom assembly {line.material!r}"]
+    phantom = master.materials.get(line.material)
+    density = phantom.density if phantom is not None else None
+    problems = []
+    for sub in revisions:
+        try:
+            conversion_factor(line.uom, sub.uom, density)
+        except UnitError as exc:
+            hint = f" (set density on material {line.material!r})" if "density" in str(exc) else ""
+            problems.append(f"{at} › uom: {exc} to explode into BOM {sub.ref}{hint}")
+    return problems
+
+
+def _check_alternates(master: MasterData, line: BomLine, material: Material, at: str) -> list[str]:
+    problems = []
+    for j, alt in enumerate(line.alternates):
+        alt_at = f"{at} › alternates[{j}] ({alt.material})"
+        alt_material = master.materials.get(alt.material)
+        if alt_material is None:
+            problems.append(f"{alt_at}: unknown material {alt.material!r}")
+        elif alt.material == line.material:
+            problems.append(f"{alt_at}: a material cannot be its own alternate")
+        elif line.method is PostingMethod.BACKFLUSH and alt_material.blind_backflush_forbidden:
+            flag = "potency_managed" if alt_material.potency_managed else "serialized"
+            problems.append(
+                f"{alt_at}: {flag} material {alt.material!r} cannot substitute on a "
+                "'backflush' line (it would be posted blind)"
+            )
+        else:
+            problems += _check_conversion(alt_at, "uom", material.uom, alt_material)
     return problems
 
 

@@ -269,3 +269,52 @@ def test_loading_from_json_text_names_paths_too() -> None:
     with pytest.raises(MasterDataError) as exc:
         load_master_data(text)
     assert exc.value.problems[0].startswith("materials[0] (A) › increment:")
+
+
+@pytest.mark.parametrize("bad", ["1_000", " 1", "١٢", "+", ".", "1.2.3", "0x10"])
+def test_decimal_strings_are_plain_ascii_decimals(bad: str) -> None:
+    msg = one_problem({"materials": [material("A", increment=bad)]})
+    assert "must be a decimal string" in msg
+
+
+@pytest.mark.parametrize("good", ["1", "+2", "0.5", ".5", "5.", "1e-3", "2E+1"])
+def test_plain_decimal_forms_are_accepted(good: str) -> None:
+    md = master([material("A", increment=good)], [])
+    assert md.materials["A"].increment == Decimal(good)
+
+
+def test_flags_are_json_booleans_not_words() -> None:
+    msg = one_problem({"materials": [material("A", potency_managed="yes")]})
+    assert msg.startswith("materials[0] (A) › potency_managed: Input should be a valid boolean")
+
+
+def test_a_potency_managed_alternate_cannot_substitute_on_a_backflush_line() -> None:
+    msg = one_problem(
+        {
+            "materials": [material("A"), material("API", potency_managed=True)],
+            "boms": [bom("P", [line("A", "1", alternates=["API"])])],
+        }
+    )
+    assert "alternates[0] (API): potency_managed material 'API' cannot substitute" in msg
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"method": "weigh"}, "method"),
+        ({"alternates": ["A"]}, "alternates"),
+        ({"tolerance_pct": "1"}, "tolerance_pct"),
+    ],
+)
+def test_a_phantom_line_carries_no_posting_fields(extra: dict[str, Any], named: str) -> None:
+    msg = one_problem(
+        {
+            "materials": [material("A")],
+            "boms": [
+                bom("P", [line("PH", "1", phantom=True, **extra)]),
+                bom("PH", [line("A", "1")]),
+            ],
+        }
+    )
+    assert msg.startswith("boms[0] (BOM P rev A) › lines[0] (PH): a phantom line is exploded")
+    assert named in msg

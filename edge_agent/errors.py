@@ -48,3 +48,7 @@ class LotDataError(InvalidDocumentError):
 
 class SignalError(EdgeAgentError):
     """A PLC signal cannot be used: bad or uncertain quality, a value out of range."""
+
+
+class ConfigError(InvalidDocumentError):
+    """The agent's configuration failed validation; the agent does not start."""

@@ -18,11 +18,18 @@ from rich.console import Console
 
 from edge_agent import __version__
 from edge_agent.calc import parse_confirmation, run_calc
+from edge_agent.config import load_config
 from edge_agent.demo import run_demo
 from edge_agent.documents import load_lots_file, load_master
 from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import parse_timestamp
-from edge_agent.errors import EdgeAgentError, InputError, LotDataError, MasterDataError
+from edge_agent.errors import (
+    EdgeAgentError,
+    InputError,
+    InvalidDocumentError,
+    LotDataError,
+    MasterDataError,
+)
 from edge_agent.reports import print_table
 
 EXIT_OK = 0
@@ -73,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calc.add_argument("--table", action="store_true", help="print a readable table")
 
+    validate = sub.add_parser(
+        "validate",
+        help="check a configuration file and report every error with its path",
+        description=(
+            "Check an agent configuration (TOML). Every problem is printed on its own line "
+            "with its path in the file, e.g. sources[1].signals.good.node; exit code 2 when "
+            "there is any."
+        ),
+    )
+    validate.add_argument("config", type=Path, metavar="CONFIG.toml")
+
     sub.add_parser(
         "demo",
         help="run the example line (today: the backflush calculation on config/)",
@@ -85,19 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    commands = {"calc": _calc, "validate": _validate, "demo": _demo}
     try:
-        if args.command == "calc":
-            return _calc(args, out)
-        if args.command == "demo":
-            run_demo(out, CONFIG_DIR)
-            return EXIT_OK
-    except MasterDataError as exc:
+        return commands[args.command](args, out)
+    except InvalidDocumentError as exc:
+        what = {MasterDataError: "master data", LotDataError: "lots"}.get(
+            type(exc), str(getattr(args, "config", "input"))
+        )
         for problem in exc.problems:
-            err.print(f"edge-agent: master data: {problem}", markup=False)
-        return EXIT_USAGE
-    except LotDataError as exc:
-        for problem in exc.problems:
-            err.print(f"edge-agent: lots: {problem}", markup=False)
+            err.print(f"edge-agent: {what}: {problem}", markup=False)
         return EXIT_USAGE
     except InputError as exc:
         err.print(f"edge-agent: error: {exc}", markup=False)
@@ -105,7 +119,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeAgentError as exc:
         err.print(f"edge-agent: {exc}", markup=False)
         return EXIT_FAILURE
-    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _demo(args: argparse.Namespace, out: Console) -> int:
+    run_demo(out, CONFIG_DIR)
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace, out: Console) -> int:
+    config = load_config(args.config)
+    out.print(
+        f"{args.config}: ok — agent {config.agent.id} on line {config.place.line} "
+        f"({config.place.site}/{config.place.area}), {len(config.sources)} source(s), "
+        f"topics under {config.topic_base}/",
+        markup=False,
+    )
+    return EXIT_OK
 
 
 def _calc(args: argparse.Namespace, out: Console) -> int:

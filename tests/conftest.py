@@ -8,6 +8,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# a real mosquitto per test that asks for it (``broker``), on its own free port
+pytest_plugins = ["tests.support.broker"]
+
 settings.register_profile("default", deadline=None)
 settings.register_profile(
     "thorough", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]

@@ -1,0 +1,78 @@
+"""Signal sources: adapters that turn PLC protocols (OPC UA, Modbus TCP) into SignalEvents.
+
+Every source emits the same :class:`SignalEvent`, so the engine cannot tell an OPC UA
+notification from a Modbus poll. A source holds no business rule: it reads, writes and reports
+quality; the engine decides what a value means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Protocol
+
+
+class Quality(StrEnum):
+    """OPC UA's three status severities; Modbus maps exception responses to BAD."""
+
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+class Origin(StrEnum):
+    CHANGE = "change"  # a subscription notification or a poll that saw a change
+    READ = "read"  # an explicit read after a (re)connect, so a missed delta still counts once
+
+
+SignalValue = Decimal | int | bool | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalEvent:
+    """One value of one configured signal, with its quality and both timestamps.
+
+    ``signal`` is the name in the configuration's signal map (``good``, ``scrap``, ``order``,
+    ``complete_request``, ``complete_good``, ``flow``, ``scale.weight``, ...); ``address`` is the
+    OPC UA node id or the Modbus register. Numbers are ints (counters) or Decimals, never floats.
+    """
+
+    source: str
+    work_centre: str
+    signal: str
+    address: str
+    value: SignalValue
+    quality: Quality
+    status: str  # the protocol's own status name, e.g. "Good", "BadCommunicationError"
+    source_time: datetime | None
+    received_at: datetime
+    origin: Origin = Origin.CHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    """A source's connection state changed (for the status message and the metrics)."""
+
+    source: str
+    connected: bool
+    detail: str
+    at: datetime
+
+
+Emit = Callable[[SignalEvent | SourceStatus], Awaitable[None]]
+
+
+class Source(Protocol):
+    """What the engine needs of a source."""
+
+    name: str
+
+    async def run(self, emit: Emit) -> None:
+        """Connect, subscribe or poll, and emit events until cancelled; reconnect with backoff.
+        After every (re)connect, read every counter explicitly (Origin.READ)."""
+
+    async def write(self, signal: str, value: bool | int) -> None:
+        """Write a signal (the operation-complete acknowledge); raise SignalError on failure."""

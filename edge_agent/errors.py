@@ -52,3 +52,7 @@ class SignalError(EdgeAgentError):
 
 class ConfigError(InvalidDocumentError):
     """The agent's configuration failed validation; the agent does not start."""
+
+
+class StoreError(EdgeAgentError):
+    """The durable store cannot be used (damaged, newer schema, disk full)."""

@@ -6,6 +6,8 @@ configuration, persistence directory and log under the test's temporary director
 
 from __future__ import annotations
 
+import getpass
+import random
 import shutil
 import socket
 import subprocess
@@ -19,11 +21,32 @@ import pytest
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port *below* the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) can be handed to an outgoing
+    connection while the broker is stopped, e.g. a client's reconnect attempt, and then the
+    restarted broker finds its own port taken ("Address already in use").
+    """
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low - 1))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @dataclass
@@ -33,6 +56,7 @@ class Broker:
     workdir: Path
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
+    acl: str | None = None  # mosquitto ACL file content; anonymous rules come first
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,6 +66,8 @@ class Broker:
     def _write_config(self) -> None:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(
+            # started as root, mosquitto drops to its own user and cannot read the test's files
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
@@ -50,6 +76,11 @@ class Broker:
             "max_inflight_messages 0\n"
             "max_queued_messages 0\n"
         )
+        if self.acl is not None:
+            acl_file = self.workdir / "acl"
+            acl_file.write_text(self.acl)
+            with self.config_file.open("a") as f:
+                f.write(f"acl_file {acl_file}\n")
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.process is None, "already running"
@@ -63,6 +94,9 @@ class Broker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if self.process.stderr:
+                    self.process.stderr.close()
+                self.process = None
                 raise RuntimeError(f"mosquitto exited at start-up: {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):

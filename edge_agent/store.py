@@ -1,0 +1,364 @@
+"""The durable store (aiosqlite, WAL): engine state, master-data cache, outbox and audit log.
+
+One SQLite file holds everything, so the state change a signal causes and the messages it produces
+commit in one transaction (the transactional outbox, shared/DESIGN.md §2). The engine collects
+writes in a :class:`UnitOfWork`; :meth:`Store.commit_units` commits many units with one COMMIT
+(one fsync) under load.
+
+Tables::
+
+    meta(key PRIMARY KEY, value)             schema_version, created_at
+    state(key PRIMARY KEY, value JSON)       counter states, consumption per order, handshakes, ...
+    masterdata(kind, key, value JSON)        the master-data cache
+    outbox(seq AUTOINCREMENT, message_id UNIQUE, topic, payload BLOB, created_at)
+    audit(seq, at, kind, ref, payload_sha256, prev_hash, hash)
+
+The audit log is a hash chain: ``hash = sha256(json([prev_hash, seq, at, kind, ref,
+payload_sha256]))`` with compact separators, the first ``prev_hash`` being 64 zeros. Every message
+entering the outbox appends an entry in the same transaction, so an edited, deleted or reordered
+entry is found by :meth:`Store.verify_audit`.
+
+A store that cannot be trusted (not SQLite, failing its integrity check, a newer schema, missing
+tables) is refused with :class:`~edge_agent.errors.StoreError`; it is never replaced by an empty
+one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from edge_agent.errors import StoreError
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+SQLITE_HEADER = b"SQLite format 3\x00"
+RECOVERY = (
+    "restore a backup or move the file aside to start a new store (the PLC's cumulative "
+    "counters let the agent catch up); the agent never replaces a store it cannot trust"
+)
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE masterdata (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                         PRIMARY KEY (kind, key));
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT UNIQUE NOT NULL,
+                     topic TEXT NOT NULL, payload BLOB NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE audit (seq INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL,
+                    ref TEXT NOT NULL, payload_sha256 TEXT NOT NULL, prev_hash TEXT NOT NULL,
+                    hash TEXT NOT NULL);
+"""
+_TABLES = {"meta", "state", "masterdata", "outbox", "audit"}
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    message_id: str
+    topic: str
+    payload: bytes
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    ok: bool
+    entries: int
+    first_broken_seq: int | None = None
+    reason: str | None = None
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def chain_hash(prev: str, seq: int, at: str, kind: str, ref: str, payload_sha256: str) -> str:
+    encoded = json.dumps([prev, seq, at, kind, ref, payload_sha256], separators=(",", ":"))
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+class UnitOfWork:
+    """Writes collected by the engine for one signal; committed all together or not at all."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    def put_state(self, key: str, value: Mapping[str, Any]) -> None:
+        self.ops.append(("state", (key, _json(value))))
+
+    def delete_state(self, key: str) -> None:
+        self.ops.append(("delete_state", (key,)))
+
+    def put_masterdata(self, kind: str, key: str, value: Mapping[str, Any]) -> None:
+        self.ops.append(("masterdata", (kind, key, _json(value))))
+
+    def enqueue(self, message_id: str, topic: str, payload: bytes, created_at: str) -> None:
+        """Queue a message; a message id already in the outbox is not queued twice."""
+        self.ops.append(("enqueue", (message_id, topic, payload, created_at)))
+
+    def audit(self, kind: str, ref: str, payload: bytes, at: str) -> None:
+        """Append an audit entry (e.g. an applied command) to the hash chain."""
+        self.ops.append(("audit", (kind, ref, hashlib.sha256(payload).hexdigest(), at)))
+
+
+class Store:
+    """The agent's one SQLite file. Use :meth:`open`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self.commits = 0
+        # One connection, many coroutines (engine, uplink): a transaction and every read run
+        # under this lock, so no reader ever sees the rows of a transaction not yet committed.
+        self._lock = asyncio.Lock()
+        self._audit_seq = 0
+        self._audit_hash = GENESIS
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, path: Path, synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    ) -> AsyncIterator[Store]:
+        """Open (or create) the store; refuse one that cannot be trusted."""
+        _check_header(path)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {str(path)!r} cannot be opened: {exc}; {RECOVERY}") from exc
+        try:
+            store = cls(db, path)
+            await store._prepare(synchronous)
+            yield store
+        finally:
+            await db.close()
+
+    async def _prepare(self, synchronous: str) -> None:
+        where = f"store {str(self.path)!r}"
+        try:
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={synchronous}")
+            rows = await self._db.execute_fetchall("PRAGMA integrity_check")
+            verdict = [str(r[0]) for r in rows]
+            if verdict != ["ok"]:
+                raise StoreError(f"{where} fails its integrity check: {verdict[0]}; {RECOVERY}")
+            tables = {
+                str(r[0])
+                for r in await self._db.execute_fetchall(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            } - {"sqlite_sequence"}
+            if not tables:
+                await self._create()
+                return
+            missing = _TABLES - tables
+            if missing:
+                raise StoreError(
+                    f"{where} is not an edge-agent store or is damaged: missing tables "
+                    f"{', '.join(sorted(missing))}; {RECOVERY}"
+                )
+            version = await self._meta("schema_version")
+            if version is None or int(version) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{where} has schema version {version}, newer than this agent knows "
+                    f"({SCHEMA_VERSION}): run the agent version that wrote it"
+                )
+            last = await self._db.execute_fetchall(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            )
+            for seq, digest in last:
+                self._audit_seq, self._audit_hash = int(seq), str(digest)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{where} is damaged: {exc}; {RECOVERY}") from exc
+
+    async def _create(self) -> None:
+        await self._db.executescript(
+            "BEGIN;"
+            + _SCHEMA
+            + "INSERT INTO meta VALUES ('schema_version', '"
+            + str(SCHEMA_VERSION)
+            + "'), ('created_at', '"
+            + datetime.now(UTC).isoformat(timespec="milliseconds")
+            + "');COMMIT;"
+        )
+        self.commits += 1
+
+    async def _meta(self, key: str) -> str | None:
+        rows = list(await self._db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,)))
+        return str(rows[0][0]) if rows else None
+
+    # ------------------------------------------------------------------ writing
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """``async with store.transaction() as tx:`` — committed on exit, nothing if it raises."""
+        uow = UnitOfWork()
+        yield uow
+        await self.commit_units([uow])
+
+    async def commit_units(self, units: Sequence[UnitOfWork]) -> None:
+        """Commit many units in one SQLite transaction (one fsync), in order; all or none."""
+        seq, digest = self._audit_seq, self._audit_hash
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for unit in units:
+                        for op, args in unit.ops:
+                            seq, digest = await self._apply(op, args, seq, digest)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
+        self.commits += 1
+        self._audit_seq, self._audit_hash = seq, digest
+
+    async def _apply(
+        self, op: str, args: tuple[Any, ...], seq: int, digest: str
+    ) -> tuple[int, str]:
+        db = self._db
+        if op == "state":
+            await db.execute(
+                "INSERT INTO state VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                args,
+            )
+        elif op == "delete_state":
+            await db.execute("DELETE FROM state WHERE key = ?", args)
+        elif op == "masterdata":
+            await db.execute(
+                "INSERT INTO masterdata VALUES (?, ?, ?) "
+                "ON CONFLICT(kind, key) DO UPDATE SET value = excluded.value",
+                args,
+            )
+        elif op == "enqueue":
+            message_id, topic, payload, created_at = args
+            cursor = await db.execute(
+                "INSERT INTO outbox (message_id, topic, payload, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(message_id) DO NOTHING",
+                (message_id, topic, payload, created_at),
+            )
+            if cursor.rowcount == 1:
+                payload_sha = hashlib.sha256(payload).hexdigest()
+                return await self._chain(seq, digest, created_at, "outbox", message_id, payload_sha)
+        elif op == "audit":
+            kind, ref, payload_sha, at = args
+            return await self._chain(seq, digest, at, kind, ref, payload_sha)
+        else:
+            raise AssertionError(f"unknown unit-of-work operation {op!r}")
+        return seq, digest
+
+    async def _chain(
+        self, seq: int, prev: str, at: str, kind: str, ref: str, payload_sha: str
+    ) -> tuple[int, str]:
+        seq += 1
+        digest = chain_hash(prev, seq, at, kind, ref, payload_sha)
+        await self._db.execute(
+            "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, at, kind, ref, payload_sha, prev, digest),
+        )
+        return seq, digest
+
+    # ------------------------------------------------------------------ reading
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
+
+    async def get_state(self, key: str) -> dict[str, Any] | None:
+        rows = await self._fetch("SELECT value FROM state WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def all_state(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ? ORDER BY key",
+            (len(prefix), prefix),
+        )
+        return {str(k): json.loads(v) for k, v in rows}
+
+    async def get_masterdata(self, kind: str, key: str) -> dict[str, Any] | None:
+        rows = await self._fetch(
+            "SELECT value FROM masterdata WHERE kind = ? AND key = ?", (kind, key)
+        )
+        return json.loads(rows[0][0]) if rows else None
+
+    async def outbox_batch(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
+        """Waiting messages in order, after ``after_seq`` (committed ones only)."""
+        rows = await self._fetch(
+            "SELECT seq, message_id, topic, payload, created_at FROM outbox WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [OutboxRow(int(a), str(b), str(c), bytes(d), str(e)) for a, b, c, d, e in rows]
+
+    async def acknowledge(self, seqs: Sequence[int]) -> int:
+        """Delete acknowledged messages; returns how many were still there."""
+        if not seqs:
+            return 0
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                cursor = await self._db.executemany(
+                    "DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]
+                )
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
+        self.commits += 1
+        return cursor.rowcount
+
+    async def outbox_depth(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM outbox")
+        return int(rows[0][0])
+
+    async def oldest_pending(self) -> OutboxRow | None:
+        batch = await self.outbox_batch(1)
+        return batch[0] if batch else None
+
+    async def verify_audit(self) -> AuditReport:
+        """Recompute the hash chain and name the first entry that does not fit."""
+        prev, expected_seq, count = GENESIS, 1, 0
+        rows = await self._fetch(
+            "SELECT seq, at, kind, ref, payload_sha256, prev_hash, hash FROM audit ORDER BY seq"
+        )
+        for seq, at, kind, ref, psha, prev_hash, digest in rows:
+            count += 1
+            if seq != expected_seq:
+                return AuditReport(False, count, expected_seq, f"entry {expected_seq} is missing")
+            if prev_hash != prev:
+                return AuditReport(False, count, seq, "does not link to the entry before it")
+            if chain_hash(prev, seq, at, kind, ref, psha) != digest:
+                return AuditReport(False, count, seq, "its content does not match its hash")
+            prev, expected_seq = digest, seq + 1
+        return AuditReport(True, count)
+
+
+def _check_header(path: Path) -> None:
+    """A file that is not SQLite is refused before SQLite is let near it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise StoreError(f"store {str(path)!r} is not an SQLite database; {RECOVERY}")
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    text = str(exc)
+    if "full" in text.lower():
+        return StoreError(f"the disk holding store {str(path)!r} is full: {text}")
+    return StoreError(f"store {str(path)!r}: {text}")

@@ -1,0 +1,1 @@
+"""Uplinks: move the durable outbox to the MES and bring MES commands in."""

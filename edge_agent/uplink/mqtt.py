@@ -1,0 +1,320 @@
+"""MQTT uplink (paho-mqtt 2.x): the outbox to the broker, in order, deleted only on success.
+
+- Rows leave only from the outbox and leave it only when the broker answers with a success
+  reason code (< 0x80). Under MQTT 5 a refused publish (e.g. 0x87 Not authorized from an ACL) is
+  told apart from a delivered one only by that code (shared/DESIGN.md §6): a refused row stays,
+  the uplink raises an alarm and holds the queue (order is kept), and retries later.
+- At most ``inflight_window`` QoS 1 publishes are outstanding. After a reconnect, everything not
+  yet acknowledged is sent again from the outbox: at least once, each message with its
+  deterministic id, so the MES deduplicates.
+- A retained status topic carries the birth (online) and, as the last will, offline.
+
+paho runs its network loop on its own thread; callbacks hop onto the asyncio loop with
+``call_soon_threadsafe``, so every piece of uplink state is touched by the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent import __version__
+from edge_agent.config import Config
+from edge_agent.errors import EdgeAgentError
+
+log = structlog.get_logger(__name__)
+
+STATUS_SCHEMA = "edge-agent/status"
+STATUS_VERSION = 1
+
+
+class UplinkError(EdgeAgentError):
+    """The uplink cannot do its job (e.g. the broker refuses a publish)."""
+
+
+class OutboxRow(Protocol):
+    @property
+    def seq(self) -> int: ...
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
+class Outbox(Protocol):
+    """What the uplink needs of the store."""
+
+    async def outbox_batch(self, limit: int, after_seq: int = 0) -> Sequence[OutboxRow]: ...
+    async def acknowledge(self, seqs: Sequence[int]) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The broker refused a publish: the row stays in the outbox."""
+
+    seq: int
+    message_id: str
+    topic: str
+    reason: str
+    code: int
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MqttUplink:
+    """Publishes the outbox and keeps the retained status; one per agent."""
+
+    def __init__(self, config: Config, outbox: Outbox, retry_refused_s: float = 30.0) -> None:
+        self._config = config
+        self._outbox = outbox
+        self._retry_refused_s = retry_refused_s
+        self.status_topic = f"{config.topic_base}/status"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, OutboxRow] = {}  # paho mid → row
+        self._acked: list[int] = []
+        self._window_free = asyncio.Event()
+        self._epoch = 0  # bumped on every (re)connect: PUBACKs of an older session are ignored
+        self.refusal: Refusal | None = None
+        self.published = 0
+        self.reconnects = 0
+        self._v5 = config.mqtt.protocol == "5"
+        if self._v5:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5
+            )
+        else:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=config.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=True,
+            )
+        self._client.max_inflight_messages_set(config.mqtt.inflight_window)
+        self._client.max_queued_messages_set(0)
+        # paho reconnects by itself on its network thread, doubling the delay up to the maximum
+        self._client.reconnect_delay_set(
+            max(1, config.mqtt.reconnect_min_ms // 1000),
+            max(1, config.mqtt.reconnect_max_ms // 1000),
+        )
+        self._client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> MqttUplink:
+        self._loop = asyncio.get_running_loop()
+        m = self._config.mqtt
+        if self._v5:
+            self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
+        else:
+            self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
+        self._client.loop_start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Publish the offline status, then disconnect cleanly (no last will)."""
+        if self._connected.is_set():
+            info = self._client.publish(self.status_topic, self._status("offline"), 1, True)
+            # if the connection went meanwhile, the last will says offline instead
+            with contextlib.suppress(RuntimeError, ValueError):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        close_sockets(self._client)
+
+    def notify(self) -> None:
+        """New rows are in the outbox: wake the pump."""
+        self._wake.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    # ------------------------------------------------------------------ the pump
+
+    async def run(self) -> None:
+        """Publish the outbox until cancelled."""
+        while True:
+            await self._connected.wait()
+            epoch = self._epoch
+            try:
+                await self._pump(epoch)
+            except _Reconnected:
+                continue
+
+    async def _pump(self, epoch: int) -> None:
+        after = 0
+        window = self._config.mqtt.inflight_window
+        while True:
+            self._check(epoch)
+            await self._flush_acks()
+            if self.refusal is not None:
+                await self._hold_after_refusal(epoch)
+                after = 0
+                continue
+            room = window - len(self._inflight)
+            if room <= 0:
+                self._window_free.clear()
+                await _wait_any(self._window_free, timeout=1.0)
+                continue
+            rows = await self._outbox.outbox_batch(room, after_seq=after)
+            self._check(epoch)
+            if not rows:
+                self._wake.clear()
+                await _wait_any(self._wake, timeout=1.0)
+                if not self._inflight:
+                    after = 0  # rescan from the head: anything left there must go again
+                continue
+            for row in rows:
+                info = self._client.publish(row.topic, row.payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    raise _Reconnected  # not connected any more: wait and start again
+                self._inflight[info.mid] = row
+                after = row.seq
+
+    async def _hold_after_refusal(self, epoch: int) -> None:
+        """A refused row blocks the queue (order is kept) until a retry succeeds.
+
+        While it waits, acknowledgements of the rows published before it still arrive and are
+        flushed; a reconnect ends the wait early (the new session starts again from the head).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_refused_s
+        while (remaining := deadline - loop.time()) > 0:
+            await self._flush_acks()
+            self._check(epoch)
+            self._wake.clear()
+            await _wait_any(self._wake, timeout=min(1.0, remaining))
+        await self._flush_acks()
+        self._check(epoch)
+        self.refusal = None
+
+    def _check(self, epoch: int) -> None:
+        if epoch != self._epoch or not self._connected.is_set():
+            raise _Reconnected
+
+    async def _flush_acks(self) -> None:
+        if self._acked:
+            done, self._acked = self._acked, []
+            await self._outbox.acknowledge(done)
+            self.published += len(done)
+
+    # ------------------------------------------------------------------ paho callbacks (thread)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        self._call(self._connected_now, rc)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        self._call(self._disconnected_now, rc)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
+    ) -> None:
+        self._call(self._puback, mid, rc.value, str(rc))
+
+    # ------------------------------------------------------------------ on the event loop
+
+    def _connected_now(self, rc: ReasonCode) -> None:
+        if rc.is_failure:
+            log.warning("mqtt_connect_refused", reason=str(rc))
+            return
+        self._epoch += 1
+        self._inflight.clear()
+        self._client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        self._connected.set()
+        self._wake.set()
+        log.info("mqtt_connected", host=self._config.mqtt.host, port=self._config.mqtt.port)
+
+    def _disconnected_now(self, rc: ReasonCode) -> None:
+        if self._connected.is_set():
+            self.reconnects += 1
+        self._connected.clear()
+        self._epoch += 1
+        self._inflight.clear()  # not acknowledged: they stay in the outbox and go again
+        self._window_free.set()
+        log.warning("mqtt_disconnected", reason=str(rc))
+
+    def _puback(self, mid: int, code: int, reason: str) -> None:
+        row = self._inflight.pop(mid, None)
+        self._window_free.set()
+        if row is None:
+            return  # the status message, or a PUBACK from before a reconnect
+        if code >= 0x80:
+            if self.refusal is None:
+                self.refusal = Refusal(row.seq, row.message_id, row.topic, reason, code)
+                log.error(
+                    "mqtt_publish_refused",
+                    message_id=row.message_id,
+                    topic=row.topic,
+                    reason=reason,
+                    code=hex(code),
+                )
+            return
+        self._acked.append(row.seq)
+        self._wake.set()
+
+    def _status(self, state: str) -> bytes:
+        p = self._config.place
+        return json.dumps(
+            {
+                "schema": STATUS_SCHEMA,
+                "version": STATUS_VERSION,
+                "agent": self._config.agent.id,
+                "site": p.site,
+                "area": p.area,
+                "line": p.line,
+                "state": state,
+                "software": __version__,
+                "at": _utc_now(),
+            }
+        ).encode()
+
+
+def close_sockets(client: mqtt.Client) -> None:
+    """Close the wake-up socket pair paho opens in ``loop_start``.
+
+    paho closes it only in ``__del__``; when the client dies in a reference cycle the sockets are
+    finalised first and warn ``ResourceWarning: unclosed socket``. paho has no public close.
+    """
+    client._reset_sockets()
+
+
+async def _wait_any(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds (a periodic re-check, not a deadline)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+class _Reconnected(Exception):
+    """The session changed under the pump: start again from the outbox head."""

@@ -122,7 +122,15 @@ class MqttSection(_Section):
 
 
 class MasterDataSection(_Section):
+    """The documents the agent starts from until the MES sends its own (issue 5).
+
+    ``path`` (materials and BOMs) and ``orders`` are read at every start; ``lots`` seeds the lot
+    balances once, when the store has none (afterwards the balances are the store's state).
+    """
+
     path: Path
+    lots: Path | None = None
+    orders: Path | None = None
 
 
 class NodeSignal(_Section):
@@ -223,6 +231,9 @@ class OpcUaSource(_Section):
     subscription: Subscription = Subscription()
     reconnect_min_ms: int = Field(default=500, ge=10)
     reconnect_max_ms: int = Field(default=30_000, ge=10)
+    #: the PLC zeroes its good/scrap/flow counters when the order changes: counting for the new
+    #: order starts from 0 (false: counting continues from the last value seen)
+    counters_reset_on_order_change: bool = True
     signals: Signals
 
 
@@ -301,11 +312,16 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
     if base is None:
         return config
     store = config.store.model_copy(update={"path": base / config.store.path})
-    masterdata = (
-        config.masterdata.model_copy(update={"path": base / config.masterdata.path})
-        if config.masterdata is not None
-        else None
-    )
+    masterdata = None
+    if config.masterdata is not None:
+        m = config.masterdata
+        masterdata = m.model_copy(
+            update={
+                "path": base / m.path,
+                "lots": base / m.lots if m.lots is not None else None,
+                "orders": base / m.orders if m.orders is not None else None,
+            }
+        )
     return config.model_copy(update={"store": store, "masterdata": masterdata})
 
 

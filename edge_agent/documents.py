@@ -1,4 +1,4 @@
-"""Reading the user's documents (master data, staged lots) from files.
+"""Reading the user's documents (master data, staged lots, work orders) from files.
 
 The one place that turns a path into validated domain values; every failure is an InputError
 naming the file and, for content, the document, the line and the field.
@@ -7,10 +7,12 @@ naming the file and, for content, the document, the line and the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from edge_agent.domain.lots import Lot, load_lots
 from edge_agent.domain.masterdata import MasterData, load_master_data
+from edge_agent.domain.orders import OrderDataError, WorkOrder, load_orders
 from edge_agent.errors import InputError, LotDataError, MasterDataError
 
 
@@ -46,3 +48,13 @@ def load_lots_file(path: Path, master: MasterData) -> tuple[Lot, ...]:
         return load_lots(data, master)
     except LotDataError as exc:
         raise LotDataError([f"{path}: {p}" for p in exc.problems]) from None
+
+
+def load_orders_file(path: Path, master: MasterData) -> Mapping[str, WorkOrder]:
+    data = read_json(path, "work orders")
+    if not isinstance(data, dict):
+        raise OrderDataError([f"{path}: expected a JSON object with 'orders'"])
+    try:
+        return load_orders(data, master)
+    except OrderDataError as exc:
+        raise OrderDataError([f"{path}: {p}" for p in exc.problems]) from None

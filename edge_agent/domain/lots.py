@@ -30,7 +30,9 @@ from edge_agent.domain.masterdata import (
     DecimalStr,
     MasterData,
     Timestamp,
+    parse_decimal,
     parse_document,
+    parse_timestamp,
 )
 from edge_agent.domain.quantities import conversion_factor, round_to_increment
 from edge_agent.errors import ConsumptionError, LotDataError
@@ -70,6 +72,28 @@ class Lot:
 
     def is_eligible(self, now: datetime) -> bool:
         return self.status is LotStatus.RELEASED and not self.is_expired(now) and self.quantity > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (decimal strings, ISO-8601 times) for the caller to persist."""
+        return {
+            "lot": self.lot,
+            "material": self.material,
+            "quantity": str(self.quantity),
+            "staged_at": self.staged_at.isoformat(),
+            "expiry": self.expiry.isoformat() if self.expiry else None,
+            "status": self.status.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Lot:
+        return cls(
+            data["lot"],
+            data["material"],
+            parse_decimal(data["quantity"]),
+            parse_timestamp(data["staged_at"]),
+            parse_timestamp(data["expiry"]) if data.get("expiry") else None,
+            LotStatus(data["status"]),
+        )
 
 
 def fefo_order(lots: Iterable[Lot]) -> list[Lot]:
@@ -116,6 +140,48 @@ class BindingState:
     def drawn(self) -> Decimal:
         """Primary-unit quantity currently bound to lots (primary and substitutes)."""
         return sum((f.covers for f in self.fills), ZERO)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (decimal strings, exact fractions as "p/q") to persist."""
+        return {
+            "fills": [
+                {
+                    "material": f.material,
+                    "covers": str(f.covers),
+                    "factor": str(f.factor),
+                    "draws": [
+                        [d.lot, d.material, str(d.quantity), d.substitution] for d in f.draws
+                    ],
+                }
+                for f in self.fills
+            ],
+            "held": str(self.held),
+            "substituted": {k: str(v) for k, v in self.substituted.items()},
+            "alternate_issued": {k: str(v) for k, v in self.alternate_issued.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BindingState:
+        fills = tuple(
+            Fill(
+                f["material"],
+                parse_decimal(f["covers"]),
+                tuple(
+                    LotDraw(lot, material, parse_decimal(q), bool(sub))
+                    for lot, material, q, sub in f["draws"]
+                ),
+                Fraction(f["factor"]),
+            )
+            for f in data.get("fills", [])
+        )
+        return cls(
+            fills,
+            parse_decimal(data.get("held", "0")),
+            MappingProxyType({k: parse_decimal(v) for k, v in data.get("substituted", {}).items()}),
+            MappingProxyType(
+                {k: parse_decimal(v) for k, v in data.get("alternate_issued", {}).items()}
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1086 @@
+"""The engine: the one writer. Applies signal events to the backflush rules, in order.
+
+Every event from every source enters one queue; one task applies them to the in-memory state
+(the pure rules in ``edge_agent.domain`` decide everything) and collects what they produce:
+state changes and messages. A batch of events (as many as are waiting, up to ``MAX_BATCH``) is
+committed in **one** SQLite transaction with the messages it produced (the transactional outbox,
+group commit), and only then is anything written back to the PLC: the operation-complete
+acknowledge means "committed", never "about to be".
+
+What makes a lost or doubled posting impossible here:
+
+- counters are cumulative: the state persisted with a posting is the last counter value it
+  consumed, so a value read again after a reconnect or a restart yields only what is new;
+- a handshake request is processed once: its result commits with the phase ``committed``; seen
+  again it only has its acknowledge (re)written;
+- message ids are derived from the engine's persisted ``sequence``, committed with the messages,
+  so a re-sent message is recognisably the same one;
+- a crash before a commit loses nothing that cannot be re-derived: the PLC still shows the
+  cumulative counts and the unacknowledged request.
+
+State keys in the store: ``engine`` (sequence), ``wc/{work centre}``, ``order/{order}``, ``lots``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any, Protocol
+
+import structlog
+
+from edge_agent.config import Config, CounterSignal
+from edge_agent.config import OpcUaSource as SourceConfig
+from edge_agent.domain.backflush import (
+    RULE_VERSION,
+    ComponentPosting,
+    ConsumptionState,
+    ScaleReading,
+    confirm,
+    meter,
+    weigh,
+    weighing_target,
+)
+from edge_agent.domain.counters import (
+    CounterChange,
+    CounterSpec,
+    CounterState,
+    HandshakeAction,
+    HandshakePhase,
+    after,
+    on_request,
+    quantity,
+    read_counter,
+)
+from edge_agent.domain.explosion import ComponentKey, ExplodedBom, explode
+from edge_agent.domain.lots import Binding, BindingState, Lot, bind
+from edge_agent.domain.masterdata import MasterData, PostingMethod, parse_decimal
+from edge_agent.domain.orders import WorkOrder
+from edge_agent.domain.quantities import Rounding, fmt, round_to_increment, to_decimal
+from edge_agent.errors import ConsumptionError, EdgeAgentError, SignalError
+from edge_agent.messages import (
+    ExceptionCode,
+    ExceptionMessage,
+    HeldPart,
+    LotMovement,
+    MaterialConsumed,
+    ProductionConfirmation,
+    Severity,
+    Trigger,
+    encode,
+    kind_of,
+    message_id,
+    wire_time,
+)
+from edge_agent.sources import Quality, SignalEvent, SourceStatus
+from edge_agent.store import Store, UnitOfWork
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 500
+COUNTERS = ("good", "scrap", "flow")
+NO_ORDER = ""
+
+AnyMessage = MaterialConsumed | ProductionConfirmation | ExceptionMessage
+
+
+class PlcWriter(Protocol):
+    async def write(self, source: str, signal: str, value: bool | int) -> None: ...
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class WorkCentreState:
+    """What the engine knows of one work centre: persisted under ``wc/{name}``."""
+
+    order: str | None = None
+    counters: dict[str, CounterState] = field(default_factory=dict)
+    handshake: HandshakePhase = HandshakePhase.IDLE
+    request: bool | None = None  # the last value of complete_request seen
+    complete_good: int | None = None
+    complete_scrap: int | None = None
+    weight: Decimal | None = None
+    tare: Decimal | None = None
+    stable: bool | None = None
+    bad_signals: dict[str, str] = field(default_factory=dict)  # signal → status, while not good
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "counters": {
+                k: {
+                    "raw": c.raw,
+                    "source_time": c.source_time.isoformat() if c.source_time else None,
+                }
+                for k, c in self.counters.items()
+            },
+            "handshake": self.handshake.value,
+            "request": self.request,
+            "complete_good": self.complete_good,
+            "complete_scrap": self.complete_scrap,
+            "weight": str(self.weight) if self.weight is not None else None,
+            "tare": str(self.tare) if self.tare is not None else None,
+            "stable": self.stable,
+            "bad_signals": self.bad_signals,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WorkCentreState:
+        return cls(
+            order=d.get("order"),
+            counters={
+                k: CounterState(
+                    c["raw"],
+                    datetime.fromisoformat(c["source_time"]) if c["source_time"] else None,
+                )
+                for k, c in d.get("counters", {}).items()
+            },
+            handshake=HandshakePhase(d.get("handshake", "idle")),
+            request=d.get("request"),
+            complete_good=d.get("complete_good"),
+            complete_scrap=d.get("complete_scrap"),
+            weight=parse_decimal(d["weight"]) if d.get("weight") is not None else None,
+            tare=parse_decimal(d["tare"]) if d.get("tare") is not None else None,
+            stable=d.get("stable"),
+            bad_signals=dict(d.get("bad_signals", {})),
+        )
+
+
+@dataclass
+class OrderState:
+    """One order's progress: persisted under ``order/{id}``.
+
+    ``product``/``revision`` are fixed when the order is first seen with known master data.
+    ``pending`` keeps what was counted while the order was unknown, to post once it is known.
+    """
+
+    order: str
+    product: str | None = None
+    revision: str | None = None
+    consumption: ConsumptionState = field(default_factory=ConsumptionState)
+    bindings: dict[ComponentKey, BindingState] = field(default_factory=dict)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    reported_unknown: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "product": self.product,
+            "revision": self.revision,
+            "consumption": self.consumption.to_dict(),
+            "bindings": [
+                {"operation": op, "material": m, "method": method.value, "state": b.to_dict()}
+                for (op, m, method), b in self.bindings.items()
+            ],
+            "pending": self.pending,
+            "reported_unknown": self.reported_unknown,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OrderState:
+        return cls(
+            order=d["order"],
+            product=d.get("product"),
+            revision=d.get("revision"),
+            consumption=ConsumptionState.from_dict(d.get("consumption", {})),
+            bindings={
+                (b["operation"], b["material"], PostingMethod(b["method"])): BindingState.from_dict(
+                    b["state"]
+                )
+                for b in d.get("bindings", [])
+            },
+            pending=list(d.get("pending", [])),
+            reported_unknown=bool(d.get("reported_unknown", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PlcWrite:
+    """An acknowledge to write once the batch that decided it is committed."""
+
+    source: str
+    work_centre: str
+    signal: str
+    value: bool
+    action: HandshakeAction
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    message: AnyMessage
+    topic: str
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    batches: int = 0
+    messages: Counter[str] = field(default_factory=Counter)
+    exceptions: Counter[str] = field(default_factory=Counter)
+    acks_written: int = 0
+    ack_failures: int = 0
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Applies events in order; see the module docstring. Build it with :meth:`load`."""
+
+    def __init__(
+        self,
+        config: Config,
+        master: MasterData,
+        orders: Mapping[str, WorkOrder],
+        lots: Sequence[Lot],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self.master = master
+        self.orders = dict(orders)
+        self.lots: tuple[Lot, ...] = tuple(lots)
+        self.clock = clock
+        self.sequence = 0
+        self.work_centres: dict[str, WorkCentreState] = {}
+        self.order_states: dict[str, OrderState] = {}
+        self.stats = EngineStats()
+        self.sources: dict[str, SourceConfig] = {s.name: s for s in config.sources}
+        self.connected: dict[str, bool] = {s.name: False for s in config.sources}
+        self._boms: dict[tuple[str, str], ExplodedBom] = {}
+        self._dirty: set[str] = set()
+        self._outgoing: list[Outgoing] = []
+        self._begin_step()
+        self._queue: asyncio.Queue[SignalEvent | SourceStatus | None] = asyncio.Queue()
+
+    # ------------------------------------------------------------------ persistence
+
+    @classmethod
+    async def load(
+        cls,
+        config: Config,
+        store: Store,
+        master: MasterData,
+        orders: Mapping[str, WorkOrder],
+        initial_lots: Sequence[Lot] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> Engine:
+        """The engine as last committed; lots are seeded from ``initial_lots`` only once."""
+        state = await store.all_state()
+        lots_state = state.get("lots")
+        lots = (
+            [Lot.from_dict(x) for x in lots_state["lots"]]
+            if lots_state is not None
+            else list(initial_lots)
+        )
+        engine = cls(config, master, orders, lots, clock)
+        if lots_state is None:
+            engine._dirty.add("lots")
+        engine.sequence = int(state.get("engine", {}).get("sequence", 0))
+        for key, value in state.items():
+            if key.startswith("wc/"):
+                engine.work_centres[key[3:]] = WorkCentreState.from_dict(value)
+            elif key.startswith("order/"):
+                engine.order_states[key[6:]] = OrderState.from_dict(value)
+        engine._replay_pending(clock())
+        return engine
+
+    def _state_value(self, key: str) -> dict[str, Any]:
+        if key == "engine":
+            return {"sequence": self.sequence}
+        if key == "lots":
+            return {"lots": [lot.to_dict() for lot in self.lots]}
+        if key.startswith("wc/"):
+            return self.work_centres[key[3:]].to_dict()
+        if key.startswith("order/"):
+            return self.order_states[key[6:]].to_dict()
+        raise AssertionError(f"unknown state key {key!r}")
+
+    def stage(self, uow: UnitOfWork) -> int:
+        """Move what the applied events produced into ``uow``; returns the message count."""
+        for key in sorted(self._dirty):
+            uow.put_state(key, self._state_value(key))
+        self._dirty.clear()
+        created = wire_time(self.clock())
+        for out in self._outgoing:
+            uow.enqueue(out.message.message_id, out.topic, encode(out.message), created)
+            self.stats.messages[kind_of(out.message).value] += 1
+        n = len(self._outgoing)
+        self._outgoing.clear()
+        return n
+
+    @property
+    def pending_messages(self) -> int:
+        return len(self._outgoing)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def submit(self, event: SignalEvent | SourceStatus) -> None:
+        """A source's ``emit``: queue an event for the engine task."""
+        await self._queue.put(event)
+
+    def stop(self) -> None:
+        """Finish what is queued, commit it, and return from :meth:`run`."""
+        self._queue.put_nowait(None)
+
+    async def run(
+        self,
+        store: Store,
+        writer: PlcWriter,
+        on_commit: Callable[[], None] = lambda: None,
+        retry_interval: float = 1.0,
+    ) -> None:
+        """Apply, commit, acknowledge; until :meth:`stop` (or cancellation)."""
+        if self._dirty or self._outgoing:  # seeded lots, replayed pending counts
+            await self._commit(store, on_commit)
+        while True:
+            try:
+                async with asyncio.timeout(retry_interval):
+                    first = await self._queue.get()
+            except TimeoutError:
+                await self._perform(store, writer, self.retry_acknowledges(), on_commit)
+                continue
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            writes: list[PlcWrite] = []
+            stopping = False
+            for event in batch:
+                if event is None:
+                    stopping = True
+                    continue
+                writes += self.apply(event)
+            self.stats.batches += 1
+            await self._commit(store, on_commit)
+            await self._perform(store, writer, writes, on_commit)
+            if stopping:
+                return
+
+    async def _commit(self, store: Store, on_commit: Callable[[], None]) -> None:
+        if not self._dirty and not self._outgoing:
+            return
+        uow = UnitOfWork()
+        n = self.stage(uow)
+        await store.commit_units([uow])
+        if n:
+            on_commit()
+
+    async def _perform(
+        self,
+        store: Store,
+        writer: PlcWriter,
+        writes: Iterable[PlcWrite],
+        on_commit: Callable[[], None],
+    ) -> None:
+        """Write acknowledges (after the commit); a failed write leaves the phase as it was, so
+        the write is retried, never the posting."""
+        done = False
+        for w in writes:
+            try:
+                await writer.write(w.source, w.signal, w.value)
+                ok = True
+                self.stats.acks_written += 1
+            except SignalError as exc:
+                ok = False
+                self.stats.ack_failures += 1
+                log.warning(
+                    "handshake_ack_failed", work_centre=w.work_centre, value=w.value, error=str(exc)
+                )
+            wc = self.work_centres[w.work_centre]
+            phase = after(wc.handshake, w.action, written=ok)
+            if phase is not wc.handshake:
+                wc.handshake = phase
+                self._dirty.add(f"wc/{w.work_centre}")
+                done = True
+        if done:
+            await self._commit(store, on_commit)
+
+    def retry_acknowledges(self) -> list[PlcWrite]:
+        """Acknowledge writes still owed to the PLC (a failed write, a restart in between)."""
+        writes = []
+        for source in self.config.sources:
+            if not self.connected.get(source.name) or source.signals.complete_request is None:
+                continue
+            wc = self.work_centres.get(source.work_centre)
+            if wc is None or wc.request is None:
+                continue
+            action = on_request(wc.handshake, wc.request)
+            if action in (HandshakeAction.WRITE_ACK, HandshakeAction.CLEAR_ACK):
+                writes.append(self._ack(source, action))
+        return writes
+
+    # ------------------------------------------------------------------ applying one event
+
+    def apply(self, event: SignalEvent | SourceStatus) -> list[PlcWrite]:
+        """Apply one event to the in-memory state; returns the PLC writes it calls for."""
+        self.stats.events += 1
+        self._begin_step()
+        if isinstance(event, SourceStatus):
+            self.connected[event.source] = event.connected
+            log.info("source_status", source=event.source, connected=event.connected)
+            return []
+        source = self.sources.get(event.source)
+        if source is None:
+            log.warning("event_from_unknown_source", source=event.source)
+            return []
+        wc = self._wc(source.work_centre)
+        if event.quality is not Quality.GOOD:
+            self._bad_quality(source, wc, event)
+            return []
+        if wc.bad_signals.pop(event.signal, None) is not None:
+            self._dirty.add(f"wc/{source.work_centre}")
+            log.info("signal_quality_restored", signal=event.signal, address=event.address)
+        try:
+            return self._apply_signal(source, wc, event)
+        except SignalError as exc:
+            self._exception(
+                source.work_centre,
+                ExceptionCode.SIGNAL_INVALID,
+                Severity.ERROR,
+                f"{event.signal} ({event.address}): {exc}",
+                wc.order,
+                source.operation,
+                trigger=_trigger(event),
+            )
+            return []
+
+    def _wc(self, name: str) -> WorkCentreState:
+        if name not in self.work_centres:
+            self.work_centres[name] = WorkCentreState()
+            self._dirty.add(f"wc/{name}")
+        return self.work_centres[name]
+
+    def _bad_quality(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
+        """Bad or uncertain: the value is never used; one exception per transition."""
+        if wc.bad_signals.get(event.signal) == event.status:
+            return
+        wc.bad_signals[event.signal] = event.status
+        self._dirty.add(f"wc/{source.work_centre}")
+        self._exception(
+            source.work_centre,
+            ExceptionCode.SIGNAL_QUALITY,
+            Severity.WARNING,
+            f"{event.signal} ({event.address}) has quality {event.quality.value} "
+            f"({event.status}): its values are not used until it is good again",
+            wc.order,
+            source.operation,
+            details={"status": event.status, "quality": event.quality.value},
+            trigger=_trigger(event),
+        )
+
+    def _apply_signal(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent
+    ) -> list[PlcWrite]:
+        signal, key = event.signal, f"wc/{source.work_centre}"
+        sigs = source.signals
+        if signal == "order":
+            self._order_changed(source, wc, event)
+        elif signal in ("good", "scrap"):
+            spec = sigs.good if signal == "good" else sigs.scrap
+            assert spec is not None
+            counts = self._count(source, wc, event, spec)
+            if counts:
+                q = quantity(_spec(spec), counts)
+                good, scrap = (q, Decimal(0)) if signal == "good" else (Decimal(0), q)
+                self._confirm(source, wc.order, good, scrap, event)
+        elif signal == "flow":
+            assert sigs.flow is not None
+            counts = self._count(source, wc, event, sigs.flow)
+            if counts:
+                amount = quantity(_spec(sigs.flow), counts)
+                self._meter(source, wc.order, sigs.flow.material, amount, sigs.flow.uom, event)
+        elif signal in ("complete_good", "complete_scrap"):
+            value = _int(event)
+            if value < 0:
+                raise SignalError(f"a quantity cannot be negative (got {value})")
+            setattr(wc, signal, value)
+            self._dirty.add(key)
+        elif signal == "complete_request":
+            return self._request(source, wc, event)
+        elif signal in {"scale.weight", "scale.tare"}:
+            assert sigs.scale is not None
+            reading = round_to_increment(Fraction(_decimal(event)), sigs.scale.resolution, _HALF_UP)
+            setattr(wc, signal.removeprefix("scale."), reading)
+            self._dirty.add(key)
+        elif signal == "scale.stable":
+            stable = _bool(event)
+            if stable and wc.stable is False:
+                self._weighing(source, wc, event)
+            if stable is not wc.stable:
+                wc.stable = stable
+                self._dirty.add(key)
+        # complete_ack is the agent's own tag: nothing to do
+        return []
+
+    def _order_changed(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
+        value = event.value
+        if value is not None and not isinstance(value, str):
+            raise SignalError(f"an order id must be a string (got {value!r})")
+        order = value.strip() if value else None
+        if order == wc.order:
+            return
+        log.info("order_changed", work_centre=source.work_centre, order=order, previous=wc.order)
+        wc.order = order or None
+        if source.counters_reset_on_order_change:
+            at = event.source_time or event.received_at
+            wc.counters = {name: CounterState(0, at) for name in COUNTERS if _counter(source, name)}
+        self._dirty.add(f"wc/{source.work_centre}")
+        if order:
+            self._order(order)  # pins the BOM revision in effect now
+
+    def _count(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, cfg: CounterSignal
+    ) -> int:
+        raw = _int(event)
+        state = wc.counters.get(event.signal, CounterState())
+        reading = read_counter(_spec(cfg), state, raw, event.source_time or event.received_at)
+        if reading.change is CounterChange.STALE:
+            return 0
+        if reading.state != state:
+            wc.counters[event.signal] = reading.state
+            self._dirty.add(f"wc/{source.work_centre}")
+        if reading.change is CounterChange.RESET:
+            self._exception(
+                source.work_centre,
+                ExceptionCode.COUNTER_RESET,
+                Severity.WARNING,
+                f"counter {event.signal} ({event.address}) went back from {state.raw} to {raw}: "
+                f"counted as restarted from zero; counts between the last reading and the reset "
+                "cannot be known",
+                wc.order,
+                source.operation,
+                details={"previous": str(state.raw), "value": str(raw)},
+                trigger=_trigger(event),
+            )
+        return reading.counts
+
+    def _request(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent
+    ) -> list[PlcWrite]:
+        request = _bool(event)
+        if wc.request is not request:
+            wc.request = request
+            self._dirty.add(f"wc/{source.work_centre}")
+        action = on_request(wc.handshake, request)
+        if action is HandshakeAction.NONE:
+            return []
+        if action is HandshakeAction.PROCESS:
+            good, scrap = Decimal(wc.complete_good or 0), Decimal(wc.complete_scrap or 0)
+            self._confirm(source, wc.order, good, scrap, event)
+            wc.handshake = after(wc.handshake, action)
+            self._dirty.add(f"wc/{source.work_centre}")
+            action = HandshakeAction.WRITE_ACK
+        return [self._ack(source, action)]
+
+    def _ack(self, source: SourceConfig, action: HandshakeAction) -> PlcWrite:
+        return PlcWrite(
+            source.name,
+            source.work_centre,
+            "complete_ack",
+            action is HandshakeAction.WRITE_ACK,
+            action,
+        )
+
+    # ------------------------------------------------------------------ orders and postings
+
+    def _order(self, order: str) -> OrderState:
+        state = self.order_states.get(order)
+        if state is None:
+            state = self.order_states[order] = OrderState(order)
+            self._dirty.add(f"order/{order}")
+        if state.product is None and order in self.orders:
+            wo = self.orders[order]
+            state.product = wo.product
+            state.revision = self.master.bom(wo.product, wo.revision, self.clock()).revision
+            self._dirty.add(f"order/{order}")
+        return state
+
+    def _bom(self, state: OrderState) -> ExplodedBom:
+        assert state.product is not None
+        assert state.revision is not None
+        key = (state.product, state.revision)
+        if key not in self._boms:
+            self._boms[key] = explode(self.master, self.master.bom(*key), self.clock())
+        return self._boms[key]
+
+    def _known(
+        self, source: SourceConfig, order: str | None, pending: dict[str, Any], event: SignalEvent
+    ) -> OrderState | None:
+        """The order's state when its master data is known; else keep ``pending`` for later."""
+        state = self._order(order or NO_ORDER)
+        if state.product is not None:
+            return state
+        state.pending.append(pending)
+        self._dirty.add(f"order/{state.order}")
+        if not state.reported_unknown:
+            state.reported_unknown = True
+            what = f"order {order!r} is not known" if order else "no order is set"
+            self._exception(
+                source.work_centre,
+                ExceptionCode.UNKNOWN_ORDER,
+                Severity.ERROR,
+                f"{what} on work centre {source.work_centre}: its counts are kept and posted "
+                "once the order is known",
+                order,
+                source.operation,
+                trigger=_trigger(event),
+            )
+        return None
+
+    def _confirm(
+        self,
+        source: SourceConfig,
+        order: str | None,
+        good: Decimal,
+        scrap: Decimal,
+        event: SignalEvent,
+    ) -> None:
+        pending = {
+            "kind": "confirm",
+            "work_centre": source.work_centre,
+            "source": source.name,
+            "operation": source.operation,
+            "good": str(good),
+            "scrap": str(scrap),
+            "trigger": _trigger(event).model_dump(mode="json"),
+        }
+        state = self._known(source, order, pending, event)
+        if state is not None:
+            self._post_confirmation(
+                source.work_centre, state, source.operation, good, scrap, _trigger(event), event
+            )
+
+    def _post_confirmation(
+        self,
+        work_centre: str,
+        state: OrderState,
+        operation: str,
+        good: Decimal,
+        scrap: Decimal,
+        trigger: Trigger,
+        event: SignalEvent | None,
+    ) -> None:
+        bom = self._bom(state)
+        now = event.received_at if event else self.clock()
+        try:
+            result = confirm(self.master, bom, state.consumption, operation, good, scrap)
+        except ConsumptionError as exc:
+            self._exception(
+                work_centre,
+                ExceptionCode.POSTING_REJECTED,
+                Severity.ERROR,
+                str(exc),
+                state.order,
+                operation,
+                trigger=trigger,
+            )
+            return
+        state.consumption = result.state
+        self._dirty.add(f"order/{state.order}")
+        uom = bom.uom
+        self._emit(
+            ProductionConfirmation(
+                **self._header(work_centre, state.order, operation, "production-confirmation"),
+                order=state.order,
+                product=bom.product,
+                bom_revision=bom.revision,
+                operation=operation,
+                good=good,
+                scrap=scrap,
+                uom=uom,
+                cumulative_good=result.progress.good,
+                cumulative_scrap=result.progress.scrap,
+                trigger=trigger,
+            )
+        )
+        for posting in result.postings:
+            self._post(work_centre, state, posting, trigger, now)
+
+    def _meter(
+        self,
+        source: SourceConfig,
+        order: str | None,
+        material: str,
+        amount: Decimal,
+        uom: str,
+        event: SignalEvent,
+    ) -> None:
+        pending = {
+            "kind": "meter",
+            "work_centre": source.work_centre,
+            "source": source.name,
+            "operation": source.operation,
+            "material": material,
+            "amount": str(amount),
+            "uom": uom,
+            "trigger": _trigger(event).model_dump(mode="json"),
+        }
+        state = self._known(source, order, pending, event)
+        if state is not None:
+            self._post_meter(
+                source.work_centre,
+                state,
+                source.operation,
+                material,
+                amount,
+                uom,
+                _trigger(event),
+                event.received_at,
+            )
+
+    def _post_meter(
+        self,
+        work_centre: str,
+        state: OrderState,
+        operation: str,
+        material: str,
+        amount: Decimal,
+        uom: str,
+        trigger: Trigger,
+        now: datetime,
+    ) -> None:
+        component = self._bom(state).component(operation, material, PostingMethod.METER)
+        if component is None:
+            self._no_line(work_centre, state.order, operation, material, "meter", trigger)
+            return
+        try:
+            state.consumption, posting = meter(
+                self.master, state.consumption, component, amount, uom
+            )
+        except EdgeAgentError as exc:
+            self._exception(
+                work_centre,
+                ExceptionCode.POSTING_REJECTED,
+                Severity.ERROR,
+                str(exc),
+                state.order,
+                operation,
+                material=material,
+                trigger=trigger,
+            )
+            return
+        self._dirty.add(f"order/{state.order}")
+        self._post(work_centre, state, posting, trigger, now)
+
+    def _weighing(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
+        scale = source.signals.scale
+        assert scale is not None
+        trigger = _trigger(event)
+        state = self._order(wc.order or NO_ORDER)
+        if state.product is None or wc.weight is None:
+            why = "no weight has been read" if wc.weight is None else "the order is not known"
+            self._exception(
+                source.work_centre,
+                ExceptionCode.WEIGHING_REJECTED,
+                Severity.ERROR,
+                f"weighing of {scale.material} not taken: {why}",
+                wc.order,
+                source.operation,
+                material=scale.material,
+                trigger=trigger,
+            )
+            return
+        bom = self._bom(state)
+        component = bom.component(source.operation, scale.material, PostingMethod.WEIGH)
+        if component is None:
+            self._no_line(
+                source.work_centre, state.order, source.operation, scale.material, "weigh", trigger
+            )
+            return
+        material = self.master.materials[component.material]
+        planned = self.orders[state.order].quantity
+        remaining = weighing_target(component, planned, with_setup=True) - (
+            state.consumption.component(component.key).measured
+        )
+        target = round_to_increment(
+            max(remaining, Fraction(0)), material.increment, material.rounding
+        )
+        reading = ScaleReading(wc.weight, wc.tare or Decimal(0), scale.uom, True)
+        outcome = weigh(self.master, state.consumption, component, reading, target)
+        if outcome.posting is None:
+            assert outcome.rejection is not None
+            deviation = (
+                fmt(round_to_increment(outcome.deviation_pct, Decimal("0.01"), _HALF_UP))
+                if outcome.deviation_pct is not None
+                else "n/a"
+            )
+            self._exception(
+                source.work_centre,
+                ExceptionCode.WEIGHING_REJECTED,
+                Severity.WARNING,
+                f"weighing of {scale.material} rejected ({outcome.rejection.value}): net "
+                f"{fmt(reading.net)} {scale.uom}, target {fmt(target)} {material.uom} "
+                f"± {fmt(component.tolerance_pct or 0)} %, deviation {deviation} %",
+                state.order,
+                source.operation,
+                material=scale.material,
+                details={
+                    "reason": outcome.rejection.value,
+                    "gross": fmt(reading.gross),
+                    "tare": fmt(reading.tare),
+                    "net": fmt(reading.net),
+                    "uom": scale.uom,
+                    "target": fmt(target),
+                    "deviation_pct": deviation,
+                },
+                trigger=trigger,
+            )
+            return
+        state.consumption = outcome.state
+        self._dirty.add(f"order/{state.order}")
+        self._post(source.work_centre, state, outcome.posting, trigger, event.received_at)
+
+    def _post(
+        self,
+        work_centre: str,
+        state: OrderState,
+        posting: ComponentPosting,
+        trigger: Trigger,
+        now: datetime,
+    ) -> None:
+        """One component posting: bind it to lots and publish it (a zero posting moves nothing
+        and is carried silently in the cumulative ``issued``)."""
+        if posting.quantity == 0:
+            return
+        binding = self._bind(state, posting, now)
+        bom = self._bom(state)
+        c = posting.component
+        self._emit(
+            MaterialConsumed(
+                **self._header(work_centre, state.order, c.operation, "material-consumed"),
+                order=state.order,
+                product=bom.product,
+                bom_revision=bom.revision,
+                operation=c.operation,
+                material=c.material,
+                quantity=posting.quantity,
+                uom=c.uom,
+                method=c.method.value,
+                theoretical=to_decimal(posting.theoretical),
+                issued=posting.issued,
+                setup_included=posting.setup_included,
+                rule_version=RULE_VERSION,
+                bom_lines=tuple(" > ".join(path) for path in c.origin),
+                lots=tuple(
+                    LotMovement(
+                        lot=d.lot,
+                        material=d.material,
+                        quantity=d.quantity,
+                        substitution=d.substitution,
+                    )
+                    for d in binding.draws
+                ),
+                held=(
+                    HeldPart(
+                        quantity=binding.held.quantity,
+                        reason=binding.held.reason.value,
+                        detail=binding.held.detail,
+                    )
+                    if binding.held
+                    else None
+                ),
+                held_cancelled=binding.held_cancelled,
+                trigger=trigger,
+            )
+        )
+        if binding.held is not None:
+            self._exception(
+                work_centre,
+                ExceptionCode.LOT_HELD,
+                Severity.ERROR,
+                f"{fmt(binding.held.quantity)} {c.uom} of {c.material} held "
+                f"({binding.held.reason.value}): {binding.held.detail}",
+                state.order,
+                c.operation,
+                material=c.material,
+                details={
+                    "quantity": fmt(binding.held.quantity),
+                    "uom": c.uom,
+                    "reason": binding.held.reason.value,
+                },
+                trigger=trigger,
+            )
+
+    def _bind(self, state: OrderState, posting: ComponentPosting, now: datetime) -> Binding:
+        key = posting.component.key
+        binding = bind(
+            self.master,
+            self.lots,
+            state.bindings.get(key, BindingState()),
+            posting.material,
+            posting.quantity,
+            now,
+            posting.component.alternates,
+        )
+        state.bindings[key] = binding.state
+        if binding.draws:
+            self.lots = binding.lots
+            self._dirty.add("lots")
+        return binding
+
+    def _no_line(
+        self,
+        work_centre: str,
+        order: str,
+        operation: str,
+        material: str,
+        method: str,
+        trigger: Trigger,
+    ) -> None:
+        self._exception(
+            work_centre,
+            ExceptionCode.NO_BOM_LINE,
+            Severity.ERROR,
+            f"the BOM of order {order} has no {method} line for {material} at operation "
+            f"{operation}: the reading was not posted",
+            order,
+            operation,
+            material=material,
+            trigger=trigger,
+        )
+
+    def _replay_pending(self, now: datetime) -> None:
+        """Post what was counted for orders that were unknown and now are (in arrival order)."""
+        for state in list(self.order_states.values()):
+            if not state.pending or state.order not in self.orders:
+                continue
+            self._order(state.order)
+            pending, state.pending = state.pending, []
+            self._dirty.add(f"order/{state.order}")
+            log.info("pending_counts_replayed", order=state.order, items=len(pending))
+            for item in pending:
+                self._begin_step()
+                trigger = Trigger.model_validate(item["trigger"])
+                if item["kind"] == "confirm":
+                    self._post_confirmation(
+                        item["work_centre"],
+                        state,
+                        item["operation"],
+                        parse_decimal(item["good"]),
+                        parse_decimal(item["scrap"]),
+                        trigger,
+                        None,
+                    )
+                else:
+                    self._post_meter(
+                        item["work_centre"],
+                        state,
+                        item["operation"],
+                        item["material"],
+                        parse_decimal(item["amount"]),
+                        item["uom"],
+                        trigger,
+                        now,
+                    )
+
+    # ------------------------------------------------------------------ messages
+
+    def _begin_step(self) -> None:
+        """One event (or one replayed item) is one engine step: its messages share a sequence."""
+        self._step_sequence: int | None = None
+        self._step_index = 0
+
+    def _header(
+        self, work_centre: str | None, order: str, operation: str, kind: str
+    ) -> dict[str, Any]:
+        """Common fields; the id derives from the step's sequence, committed with the message."""
+        if self._step_sequence is None:
+            self.sequence += 1
+            self._step_sequence = self.sequence
+            self._dirty.add("engine")
+        index, self._step_index = self._step_index, self._step_index + 1
+        p = self.config.place
+        return {
+            "message_id": message_id(
+                self.config.agent.id, order, operation, self._step_sequence, kind, index
+            ),
+            "agent": self.config.agent.id,
+            "site": p.site,
+            "area": p.area,
+            "line": p.line,
+            "work_centre": work_centre,
+            "sequence": self._step_sequence,
+            "created_at": self.clock(),
+        }
+
+    def _emit(self, message: AnyMessage) -> None:
+        self._outgoing.append(Outgoing(message, f"{self.config.topic_base}/out/{kind_of(message)}"))
+
+    def _exception(
+        self,
+        work_centre: str | None,
+        code: ExceptionCode,
+        severity: Severity,
+        text: str,
+        order: str | None,
+        operation: str | None,
+        material: str | None = None,
+        details: dict[str, str] | None = None,
+        trigger: Trigger | None = None,
+    ) -> None:
+        self.stats.exceptions[code.value] += 1
+        log.warning("exception_raised", code=code.value, text=text, work_centre=work_centre)
+        self._emit(
+            ExceptionMessage(
+                **self._header(work_centre, order or NO_ORDER, operation or "", "exception"),
+                code=code,
+                severity=severity,
+                text=text,
+                order=order,
+                operation=operation,
+                material=material,
+                details=details or {},
+                trigger=trigger,
+            )
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_HALF_UP = Rounding.HALF_UP
+
+
+def _spec(cfg: CounterSignal) -> CounterSpec:
+    return CounterSpec(cfg.width, cfg.scale)
+
+
+def _counter(source: SourceConfig, name: str) -> CounterSignal | None:
+    value = getattr(source.signals, name)
+    return value if isinstance(value, CounterSignal) else None
+
+
+def _int(event: SignalEvent) -> int:
+    if isinstance(event.value, bool) or not isinstance(event.value, int):
+        raise SignalError(f"expected an integer (got {event.value!r})")
+    return event.value
+
+
+def _bool(event: SignalEvent) -> bool:
+    if not isinstance(event.value, bool):
+        raise SignalError(f"expected a boolean (got {event.value!r})")
+    return event.value
+
+
+def _decimal(event: SignalEvent) -> Decimal:
+    value = event.value
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise SignalError(f"expected a number (got {value!r})")
+    return Decimal(value)
+
+
+def _trigger(event: SignalEvent) -> Trigger:
+    return Trigger(
+        source=event.source,
+        signal=event.signal,
+        address=event.address,
+        value=None if event.value is None else str(event.value),
+        quality=event.quality.value,
+        source_time=event.source_time,
+        received_at=event.received_at,
+    )

@@ -113,6 +113,12 @@ class MqttSection(_Section):
     inflight_window: int = Field(default=100, ge=1, le=65535)
     reconnect_min_ms: int = Field(default=500, ge=10)
     reconnect_max_ms: int = Field(default=30_000, ge=10)
+    #: when a message may leave the outbox: "broker" on the broker's success PUBACK (the MES
+    #: must hold a persistent session subscribed at QoS 1), "mes-ack" when the MES acknowledges
+    #: its id on {topic_base}/in/mes-ack (end to end: survives a broker that forgets sessions)
+    delivery: Literal["broker", "mes-ack"] = "broker"
+    #: mes-ack: publish again what the MES has not acknowledged after this long
+    mes_ack_timeout_s: float = Field(default=10.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _backoff(self) -> Self:

@@ -307,13 +307,22 @@ class Store:
 
     async def acknowledge(self, seqs: Sequence[int]) -> int:
         """Delete acknowledged messages; returns how many were still there."""
-        if not seqs:
+        return await self._delete_outbox("seq", seqs)
+
+    async def acknowledge_ids(self, message_ids: Sequence[str]) -> int:
+        """Delete messages by id (the MES acknowledged them); returns how many were there."""
+        return await self._delete_outbox("message_id", message_ids)
+
+    async def _delete_outbox(
+        self, column: Literal["seq", "message_id"], keys: Sequence[Any]
+    ) -> int:
+        if not keys:
             return 0
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
                 cursor = await self._db.executemany(
-                    "DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]
+                    f"DELETE FROM outbox WHERE {column} = ?", [(k,) for k in keys]
                 )
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:

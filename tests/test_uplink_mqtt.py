@@ -215,3 +215,44 @@ async def test_a_refused_publish_stays_in_the_outbox_and_raises_an_alarm(
     assert uplink.refusal.code == 0x87  # MQTT 5: Not authorized
     rows = await store.outbox_batch(10)
     assert [r.message_id for r in rows] == ["msg-00002"]
+
+
+class AckingMes(Subscriber):
+    """An MES that acknowledges each message id it receives, once ``acking`` is on."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.acking = False
+        self.seen: list[str] = []
+        super().__init__(broker, f"{BASE}/out/#")
+        self.client.on_message = self._on_message
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        message_id = json.loads(m.payload)["id"]
+        self.seen.append(message_id)
+        if self.acking:
+            ack = json.dumps({"message_ids": [message_id]})
+            client.publish(f"{BASE}/in/mes-ack", ack, qos=1)
+
+
+@pytest.mark.asyncio
+async def test_mes_ack_mode_keeps_rows_until_the_mes_acknowledges(
+    broker: Broker, store: Store
+) -> None:
+    mes = AckingMes(broker)
+    try:
+        async with store.transaction() as tx:
+            for n in range(5):
+                tx.enqueue(f"m{n}", f"{BASE}/out/x", json.dumps({"id": f"m{n}"}).encode(), "t")
+        config = make_config(broker, delivery="mes-ack", mes_ack_timeout_s=0.5)
+        async with MqttUplink(config, store) as uplink:
+            pump = asyncio.create_task(uplink.run())
+            async with asyncio.timeout(20):
+                while mes.seen.count("m0") < 2:  # not acknowledged: published again
+                    await asyncio.sleep(0.02)
+            assert await store.outbox_depth() == 5  # a broker PUBACK removed nothing
+            mes.acking = True
+            await drained(store)
+            pump.cancel()
+        assert set(mes.seen) == {f"m{n}" for n in range(5)}
+    finally:
+        mes.close()

@@ -8,6 +8,12 @@
   yet acknowledged is sent again from the outbox: at least once, each message with its
   deterministic id, so the MES deduplicates.
 - A retained status topic carries the birth (online) and, as the last will, offline.
+- ``delivery = "mes-ack"``: a broker PUBACK is not delivery (shared/DESIGN.md §6): a broker that
+  restarts without the MES's session drops what it accepted. In this mode a row leaves the outbox
+  only when the MES acknowledges its id on ``{topic_base}/in/mes-ack``
+  (``{"message_ids": [...]}``); what is not acknowledged within ``mes_ack_timeout_s`` is
+  published again (same id: the MES deduplicates). Published-but-unacknowledged rows count
+  against the in-flight window.
 
 paho runs its network loop on its own thread; callbacks hop onto the asyncio loop with
 ``call_soon_threadsafe``, so every piece of uplink state is touched by the event loop only.
@@ -58,6 +64,7 @@ class Outbox(Protocol):
 
     async def outbox_batch(self, limit: int, after_seq: int = 0) -> Sequence[OutboxRow]: ...
     async def acknowledge(self, seqs: Sequence[int]) -> int: ...
+    async def acknowledge_ids(self, message_ids: Sequence[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,10 @@ class MqttUplink:
         self._outbox = outbox
         self._retry_refused_s = retry_refused_s
         self.status_topic = f"{config.topic_base}/status"
+        self.mes_ack_topic = f"{config.topic_base}/in/mes-ack"
+        self._mes_ack = config.mqtt.delivery == "mes-ack"
+        self._awaiting: dict[str, float] = {}  # message id → when its PUBACK came (mes-ack)
+        self._acked_ids: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
@@ -116,6 +127,7 @@ class MqttUplink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,7 +186,12 @@ class MqttUplink:
                 await self._hold_after_refusal(epoch)
                 after = 0
                 continue
-            room = window - len(self._inflight)
+            if self._awaiting and self._mes_ack_overdue():
+                log.warning("mes_ack_overdue", unacknowledged=len(self._awaiting))
+                self._awaiting.clear()
+                after = 0  # publish again from the head: the MES deduplicates
+                continue
+            room = window - len(self._inflight) - len(self._awaiting)
             if room <= 0:
                 self._window_free.clear()
                 await _wait_any(self._window_free, timeout=1.0)
@@ -184,7 +201,7 @@ class MqttUplink:
             if not rows:
                 self._wake.clear()
                 await _wait_any(self._wake, timeout=1.0)
-                if not self._inflight:
+                if not self._inflight and not self._awaiting:
                     after = 0  # rescan from the head: anything left there must go again
                 continue
             for row in rows:
@@ -220,6 +237,14 @@ class MqttUplink:
             done, self._acked = self._acked, []
             await self._outbox.acknowledge(done)
             self.published += len(done)
+        if self._acked_ids:
+            ids, self._acked_ids = self._acked_ids, []
+            self.published += await self._outbox.acknowledge_ids(ids)
+
+    def _mes_ack_overdue(self) -> bool:
+        assert self._loop is not None
+        oldest = min(self._awaiting.values())
+        return self._loop.time() - oldest > self._config.mqtt.mes_ack_timeout_s
 
     # ------------------------------------------------------------------ paho callbacks (thread)
 
@@ -242,6 +267,19 @@ class MqttUplink:
     ) -> None:
         self._call(self._puback, mid, rc.value, str(rc))
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic != self.mes_ack_topic:
+            return
+        try:
+            data = json.loads(message.payload)
+            ids = data["message_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError("message_ids must be a list of strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("mes_ack_invalid", error=str(exc), payload=message.payload[:200])
+            return
+        self._call(self._mes_acked, ids)
+
     # ------------------------------------------------------------------ on the event loop
 
     def _connected_now(self, rc: ReasonCode) -> None:
@@ -250,6 +288,9 @@ class MqttUplink:
             return
         self._epoch += 1
         self._inflight.clear()
+        self._awaiting.clear()  # published again from the head in this session
+        if self._mes_ack:
+            self._client.subscribe(self.mes_ack_topic, qos=1)
         self._client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self._connected.set()
         self._wake.set()
@@ -261,6 +302,7 @@ class MqttUplink:
         self._connected.clear()
         self._epoch += 1
         self._inflight.clear()  # not acknowledged: they stay in the outbox and go again
+        self._awaiting.clear()
         self._window_free.set()
         log.warning("mqtt_disconnected", reason=str(rc))
 
@@ -280,7 +322,18 @@ class MqttUplink:
                     code=hex(code),
                 )
             return
-        self._acked.append(row.seq)
+        if self._mes_ack:
+            assert self._loop is not None
+            self._awaiting[row.message_id] = self._loop.time()
+        else:
+            self._acked.append(row.seq)
+        self._wake.set()
+
+    def _mes_acked(self, ids: list[str]) -> None:
+        for message_id in ids:
+            self._awaiting.pop(message_id, None)
+        self._acked_ids += ids  # deleted by id, even if acknowledged after a reconnect
+        self._window_free.set()
         self._wake.set()
 
     def _status(self, state: str) -> bytes:

@@ -148,8 +148,8 @@ class Store:
     async def _prepare(self, synchronous: str) -> None:
         where = f"store {str(self.path)!r}"
         try:
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={synchronous}")
+            # nothing is written (not even the switch to WAL, which rewrites the header) until
+            # the file is trusted: a refused file is left exactly as it was
             rows = await self._db.execute_fetchall("PRAGMA integrity_check")
             verdict = [str(r[0]) for r in rows]
             if verdict != ["ok"]:
@@ -161,6 +161,7 @@ class Store:
                 )
             } - {"sqlite_sequence"}
             if not tables:
+                await self._use_wal(synchronous)
                 await self._create()
                 return
             missing = _TABLES - tables
@@ -170,11 +171,17 @@ class Store:
                     f"{', '.join(sorted(missing))}; {RECOVERY}"
                 )
             version = await self._meta("schema_version")
-            if version is None or int(version) > SCHEMA_VERSION:
+            if version is None or not version.isdigit():
+                raise StoreError(
+                    f"{where} has no readable schema version (got {version!r}): it is damaged "
+                    f"or not an edge-agent store; {RECOVERY}"
+                )
+            if int(version) > SCHEMA_VERSION:
                 raise StoreError(
                     f"{where} has schema version {version}, newer than this agent knows "
                     f"({SCHEMA_VERSION}): run the agent version that wrote it"
                 )
+            await self._use_wal(synchronous)
             last = await self._db.execute_fetchall(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
             )
@@ -182,6 +189,10 @@ class Store:
                 self._audit_seq, self._audit_hash = int(seq), str(digest)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{where} is damaged: {exc}; {RECOVERY}") from exc
+
+    async def _use_wal(self, synchronous: str) -> None:
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute(f"PRAGMA synchronous={synchronous}")
 
     async def _create(self) -> None:
         await self._db.executescript(
@@ -210,8 +221,9 @@ class Store:
 
     async def commit_units(self, units: Sequence[UnitOfWork]) -> None:
         """Commit many units in one SQLite transaction (one fsync), in order; all or none."""
-        seq, digest = self._audit_seq, self._audit_hash
         async with self._lock:
+            # read under the lock: a committer that waited must continue the chain as it is now
+            seq, digest = self._audit_seq, self._audit_hash
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -224,8 +236,8 @@ class Store:
                     raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
+            self._audit_seq, self._audit_hash = seq, digest
         self.commits += 1
-        self._audit_seq, self._audit_hash = seq, digest
 
     async def _apply(
         self, op: str, args: tuple[Any, ...], seq: int, digest: str
@@ -321,10 +333,14 @@ class Store:
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
-                cursor = await self._db.executemany(
-                    f"DELETE FROM outbox WHERE {column} = ?", [(k,) for k in keys]
-                )
-                await self._db.execute("COMMIT")
+                try:
+                    cursor = await self._db.executemany(
+                        f"DELETE FROM outbox WHERE {column} = ?", [(k,) for k in keys]
+                    )
+                    await self._db.execute("COMMIT")
+                except BaseException:  # cancellation included: never leave a transaction open
+                    await self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
         self.commits += 1

@@ -1,0 +1,724 @@
+"""The durable store against real SQLite files: schema, units of work, outbox, audit chain.
+
+shared/DESIGN.md §2 (transactional outbox, group commit) and §3 (nothing lost or doubled, an
+audit chain where a gap or an edit is detectable, a store that cannot be trusted is refused and
+never replaced). Every check reads back what SQLite holds, through the store or through a
+separate ``sqlite3`` connection on the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from edge_agent.errors import StoreError
+from edge_agent.store import GENESIS, SCHEMA_VERSION, Store, UnitOfWork
+
+TOPIC = "acme/hamburg/creams/line-1/line1-edge/out/material-consumed"
+AT = "2026-11-22T08:00:00.000Z"
+TABLES = {"meta", "state", "masterdata", "outbox", "audit"}
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store.open(tmp_path / "agent.db") as s:
+        yield s
+
+
+def sql(path: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on a separate plain sqlite3 connection (committed), return its rows."""
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(query, params).fetchall()
+        conn.commit()
+    return rows
+
+
+def payload(message_id: str) -> bytes:
+    return json.dumps({"id": message_id, "qty": "12.500", "unit": "kg"}).encode()
+
+
+def msg_unit(*message_ids: str) -> UnitOfWork:
+    unit = UnitOfWork()
+    for message_id in message_ids:
+        unit.enqueue(message_id, TOPIC, payload(message_id), AT)
+    return unit
+
+
+def audit_rows(path: Path) -> list[tuple[Any, ...]]:
+    return sql(
+        path, "SELECT seq, at, kind, ref, payload_sha256, prev_hash, hash FROM audit ORDER BY seq"
+    )
+
+
+def outbox_ids(path: Path) -> list[str]:
+    return [str(r[0]) for r in sql(path, "SELECT message_id FROM outbox ORDER BY seq")]
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+async def fill(path: Path, count: int = 300) -> None:
+    """A store with enough rows to span many pages, closed (the WAL checkpointed into it)."""
+    async with Store.open(path) as s:
+        units = []
+        for i in range(count):
+            unit = msg_unit(f"msg-{i:05d}")
+            unit.put_state(f"counter/{i:05d}", {"last": i})
+            units.append(unit)
+        await s.commit_units(units)
+    assert not Path(f"{path}-wal").exists(), "the WAL must be checkpointed before damaging the file"
+
+
+# ------------------------------------------------------------------- 1. creating, reopening
+
+
+@pytest.mark.asyncio
+async def test_new_store_has_the_schema_and_runs_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    assert not path.exists()
+    async with Store.open(path) as s:
+        assert path.exists()
+        # seen from a second connection while the store is open
+        assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+        assert await s.outbox_depth() == 0
+        assert (await s.verify_audit()).entries == 0
+    tables = {str(r[0]) for r in sql(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables - {"sqlite_sequence"} == TABLES
+    meta = dict(sql(path, "SELECT key, value FROM meta"))
+    assert meta["schema_version"] == str(SCHEMA_VERSION)
+    assert meta["created_at"].endswith("+00:00")
+    # WAL is a property of the file: it is still on after the store is closed
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+@pytest.mark.asyncio
+async def test_reopening_keeps_state_masterdata_and_outbox(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    bom = {"material": "CREAM-50", "revision": "C", "components": [{"qty": "0.125", "uom": "kg"}]}
+    async with Store.open(path) as s:
+        async with s.transaction() as tx:
+            tx.put_state("counter/line-1/good", {"last": 65535, "carry": "0.0004"})
+            tx.put_masterdata("bom", "CREAM-50", bom)
+            for i in range(3):
+                tx.enqueue(f"m-{i}", TOPIC, payload(f"m-{i}"), AT)
+        created_at = sql(path, "SELECT value FROM meta WHERE key = 'created_at'")
+        before = await s.outbox_batch(10)
+        await s.acknowledge([before[-1].seq])  # the highest seq is gone before reopening
+
+    async with Store.open(path) as s:
+        assert await s.get_state("counter/line-1/good") == {"last": 65535, "carry": "0.0004"}
+        assert await s.get_masterdata("bom", "CREAM-50") == bom
+        assert await s.outbox_batch(10) == before[:2]  # seq, id, topic, payload, created_at
+        assert [r.payload for r in before[:2]] == [payload("m-0"), payload("m-1")]
+        async with s.transaction() as tx:
+            tx.enqueue("m-3", TOPIC, payload("m-3"), AT)
+        rows = await s.outbox_batch(10)
+        # a seq is never reused, not even that of an acknowledged row
+        assert rows[-1].message_id == "m-3"
+        assert rows[-1].seq > before[-1].seq
+        assert (await s.verify_audit()).entries == 4
+    assert sql(path, "SELECT value FROM meta WHERE key = 'created_at'") == created_at
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+# ------------------------------------------------------------------------ 2. transaction()
+
+
+@pytest.mark.asyncio
+async def test_transaction_commits_on_exit(store: Store) -> None:
+    commits = store.commits
+    async with store.transaction() as tx:
+        tx.put_state("order/4711", {"confirmed": "12"})
+        tx.put_masterdata("material", "SUGAR", {"uom": "kg"})
+        tx.enqueue("m-1", TOPIC, payload("m-1"), AT)
+        tx.audit("command", "cmd-1", b'{"close": "4711"}', AT)
+        # nothing is written before the block ends
+        assert await store.get_state("order/4711") is None
+        assert await store.outbox_depth() == 0
+    assert store.commits == commits + 1
+    assert await store.get_state("order/4711") == {"confirmed": "12"}
+    assert await store.get_masterdata("material", "SUGAR") == {"uom": "kg"}
+    assert [r.message_id for r in await store.outbox_batch(10)] == ["m-1"]
+    report = await store.verify_audit()
+    assert report.ok
+    assert report.entries == 2
+    assert [r[2:4] for r in audit_rows(store.path)] == [("outbox", "m-1"), ("command", "cmd-1")]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.asyncio
+async def test_transaction_whose_body_raises_writes_nothing(store: Store) -> None:
+    async with store.transaction() as tx:
+        tx.put_state("order/4711", {"confirmed": "10"})
+        tx.enqueue("m-0", TOPIC, payload("m-0"), AT)
+    commits = store.commits
+
+    async def failing_unit() -> None:
+        async with store.transaction() as tx:
+            tx.put_state("order/4711", {"confirmed": "99"})
+            tx.put_state("order/4712", {"confirmed": "1"})
+            tx.delete_state("order/4711")
+            tx.put_masterdata("material", "SUGAR", {"uom": "kg"})
+            tx.enqueue("m-1", TOPIC, payload("m-1"), AT)
+            tx.audit("command", "cmd-1", b"{}", AT)
+            raise Boom
+
+    with pytest.raises(Boom):
+        await failing_unit()
+
+    assert store.commits == commits
+    assert await store.all_state() == {"order/4711": {"confirmed": "10"}}
+    assert await store.get_masterdata("material", "SUGAR") is None
+    assert outbox_ids(store.path) == ["m-0"]
+    assert len(audit_rows(store.path)) == 1
+    # and the store carries on normally afterwards
+    async with store.transaction() as tx:
+        tx.enqueue("m-2", TOPIC, payload("m-2"), AT)
+    report = await store.verify_audit()
+    assert report.ok
+    assert report.entries == 2
+
+
+# ------------------------------------------------------------------ 3. group commit of units
+
+
+@pytest.mark.asyncio
+async def test_commit_units_is_one_transaction_in_unit_order(store: Store) -> None:
+    commits = store.commits
+    units = []
+    for i in range(50):
+        unit = msg_unit(f"u{i:02d}-a", f"u{i:02d}-b")
+        unit.put_state("engine/seq", {"seq": i})  # the last unit's value wins
+        unit.audit("signal", f"sig-{i}", str(i).encode(), AT)
+        units.append(unit)
+    await store.commit_units(units)
+
+    assert store.commits == commits + 1
+    expected = [f"u{i:02d}-{x}" for i in range(50) for x in "ab"]
+    rows = await store.outbox_batch(1000)
+    assert [r.message_id for r in rows] == expected
+    assert [r.seq for r in rows] == sorted(r.seq for r in rows)
+    assert await store.get_state("engine/seq") == {"seq": 49}
+    refs = [str(r[3]) for r in audit_rows(store.path)]
+    assert refs == [x for i in range(50) for x in (f"u{i:02d}-a", f"u{i:02d}-b", f"sig-{i}")]
+    assert (await store.verify_audit()).ok
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("bad_payload", "error"),
+    [
+        pytest.param("not bytes", TypeError, id="str-payload-fails-after-its-insert"),
+        pytest.param(None, StoreError, id="null-payload-fails-inside-sqlite"),
+    ],
+)
+async def test_a_failing_op_rolls_back_every_unit_of_the_commit(
+    store: Store, bad_payload: Any, error: type[Exception]
+) -> None:
+    await store.commit_units([msg_unit("before-1", "before-2")])
+    audit_before = audit_rows(store.path)
+    commits = store.commits
+
+    units = [msg_unit(f"doomed-{i}") for i in range(5)]
+    for i, unit in enumerate(units):
+        unit.put_state(f"doomed/{i}", {"i": i})
+        unit.put_masterdata("lot", f"L{i}", {"qty": "1"})
+        unit.audit("signal", f"doomed-sig-{i}", b"x", AT)
+    units[3].enqueue("doomed-bad", TOPIC, bad_payload, AT)  # mid-way: units 0-2 already applied
+    with pytest.raises(error):
+        await store.commit_units(units)
+
+    assert store.commits == commits
+    assert outbox_ids(store.path) == ["before-1", "before-2"]
+    assert await store.all_state("doomed/") == {}
+    assert await store.get_masterdata("lot", "L0") is None
+    assert audit_rows(store.path) == audit_before
+
+    # the in-memory audit position did not move: the next entries continue the chain
+    await store.commit_units([msg_unit("after-1"), msg_unit("after-2")])
+    report = await store.verify_audit()
+    assert report.ok, report
+    assert report.entries == 4
+    assert [r[0] for r in audit_rows(store.path)] == [1, 2, 3, 4]
+    assert outbox_ids(store.path) == ["before-1", "before-2", "after-1", "after-2"]
+
+
+# ---------------------------------------------------------------- 4. idempotent enqueueing
+
+
+@pytest.mark.asyncio
+async def test_enqueuing_a_present_message_id_adds_no_row_and_no_audit_entry(
+    store: Store,
+) -> None:
+    await store.commit_units([msg_unit("m-1", "m-2")])
+    first = await store.outbox_batch(10)
+
+    again = UnitOfWork()
+    again.enqueue("m-1", f"{TOPIC}/other", b"a different payload", "2027-01-01T00:00:00.000Z")
+    again.enqueue("m-3", TOPIC, payload("m-3"), AT)
+    again.enqueue("m-3", TOPIC, payload("m-3"), AT)  # twice in the same unit, too
+    await store.commit_units([again, msg_unit("m-2")])
+
+    rows = await store.outbox_batch(10)
+    assert [r.message_id for r in rows] == ["m-1", "m-2", "m-3"]
+    assert rows[:2] == first  # the first copy is kept unchanged
+    assert await store.outbox_depth() == 3
+    assert [r[3] for r in audit_rows(store.path)] == ["m-1", "m-2", "m-3"]
+    report = await store.verify_audit()
+    assert report.ok
+    assert report.entries == 3
+
+
+# ------------------------------------------------------------------ 5. paging, acknowledging
+
+
+@pytest.mark.asyncio
+async def test_outbox_batch_pages_in_seq_order(store: Store) -> None:
+    ids = [f"m-{i:02d}" for i in range(10)]
+    # in several commits, so seq order is not just one statement's order
+    await store.commit_units([msg_unit(*ids[:4])])
+    await store.commit_units([msg_unit(*ids[4:7]), msg_unit(*ids[7:])])
+
+    pages, after = [], 0
+    while page := await store.outbox_batch(3, after_seq=after):
+        assert len(page) <= 3
+        pages.append(page)
+        after = page[-1].seq
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    rows = [r for p in pages for r in p]
+    assert [r.message_id for r in rows] == ids
+    assert [r.seq for r in rows] == sorted({r.seq for r in rows})
+    assert all(r.topic == TOPIC and r.created_at == AT for r in rows)
+    assert [r.payload for r in rows] == [payload(i) for i in ids]
+    assert await store.outbox_batch(5, after_seq=rows[-1].seq) == []
+    assert await store.oldest_pending() == rows[0]
+
+
+@pytest.mark.asyncio
+async def test_acknowledge_deletes_exactly_those_rows(store: Store) -> None:
+    await store.commit_units([msg_unit(*(f"m-{i}" for i in range(6)))])
+    rows = await store.outbox_batch(10)
+    seqs = [r.seq for r in rows]
+    assert await store.outbox_depth() == 6
+
+    # two present rows and one seq that never existed
+    assert await store.acknowledge([seqs[1], seqs[4], seqs[-1] + 100]) == 2
+    assert await store.outbox_depth() == 4
+    assert [r.message_id for r in await store.outbox_batch(10)] == ["m-0", "m-2", "m-3", "m-5"]
+    # acknowledging the same rows again finds nothing to delete
+    assert await store.acknowledge([seqs[1], seqs[4]]) == 0
+    assert await store.outbox_depth() == 4
+    assert await store.acknowledge([]) == 0
+
+    assert await store.acknowledge(seqs) == 4
+    assert await store.outbox_depth() == 0
+    assert await store.oldest_pending() is None
+    assert sql(store.path, "SELECT count(*) FROM outbox") == [(0,)]
+    # acknowledging removes messages, never audit entries
+    assert (await store.verify_audit()).entries == 6
+
+
+# ----------------------------------------------------------------------------- 6. audit chain
+
+
+@pytest.mark.asyncio
+async def test_audit_chain_verifies_across_many_commits_and_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    for session in range(3):
+        async with Store.open(path) as s:
+            for c in range(10):
+                unit = msg_unit(f"s{session}-c{c}-a", f"s{session}-c{c}-b")
+                unit.audit("command", f"s{session}-cmd-{c}", b'{"reversal": true}', AT)
+                await s.commit_units([unit, msg_unit(f"s{session}-c{c}-a")])  # a duplicate
+                if c % 3 == 0:
+                    await s.acknowledge([r.seq for r in await s.outbox_batch(2)])
+            report = await s.verify_audit()
+            assert report.ok, report
+            assert report.entries == 30 * (session + 1)
+
+    rows = audit_rows(path)
+    assert [r[0] for r in rows] == list(range(1, 91))
+    # recompute the chain independently, from the documented formula
+    prev = "0" * 64
+    assert prev == GENESIS
+    for seq, at, kind, ref, payload_sha, prev_hash, digest in rows:
+        assert prev_hash == prev
+        encoded = json.dumps([prev, seq, at, kind, ref, payload_sha], separators=(",", ":"))
+        assert digest == hashlib.sha256(encoded.encode()).hexdigest()
+        if kind == "outbox":
+            assert payload_sha == hashlib.sha256(payload(ref)).hexdigest()
+        else:
+            assert payload_sha == hashlib.sha256(b'{"reversal": true}').hexdigest()
+        prev = digest
+    # the first entry of each later session links to the last entry of the session before
+    assert rows[30][5] == rows[29][6]
+    assert rows[60][5] == rows[59][6]
+
+
+TAMPERING = [
+    pytest.param("UPDATE audit SET ref = 'forged' WHERE seq = 3", 3, id="edited-ref"),
+    pytest.param(
+        "UPDATE audit SET payload_sha256 = '" + "ab" * 32 + "' WHERE seq = 3", 3, id="edited-sha"
+    ),
+    pytest.param("UPDATE audit SET kind = 'command' WHERE seq = 5", 5, id="edited-kind"),
+    pytest.param("UPDATE audit SET at = '2020-01-01T00:00:00.000Z' WHERE seq = 2", 2, id="at"),
+    pytest.param("DELETE FROM audit WHERE seq = 3", 3, id="deleted-middle-entry"),
+    pytest.param("DELETE FROM audit WHERE seq = 1", 1, id="deleted-first-entry"),
+    pytest.param("UPDATE audit SET prev_hash = '" + "0" * 64 + "' WHERE seq = 4", 4, id="prev"),
+    pytest.param("UPDATE audit SET hash = '" + "f" * 64 + "' WHERE seq = 4", 4, id="hash"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("tamper", "first_broken"), TAMPERING)
+async def test_audit_tampering_is_detected_at_the_first_broken_entry(
+    tmp_path: Path, tamper: str, first_broken: int
+) -> None:
+    path = tmp_path / "agent.db"
+    async with Store.open(path) as s:
+        for i in range(6):
+            await s.commit_units([msg_unit(f"m-{i}")])
+        assert (await s.verify_audit()).ok
+    sql(path, tamper)  # a separate connection, as anyone with the file could
+    async with Store.open(path) as s:
+        report = await s.verify_audit()
+    assert not report.ok
+    assert report.first_broken_seq == first_broken
+    assert report.reason
+
+
+@pytest.mark.asyncio
+async def test_audit_tampering_while_the_store_is_open_is_detected(store: Store) -> None:
+    for i in range(4):
+        await store.commit_units([msg_unit(f"m-{i}")])
+    sql(store.path, "UPDATE audit SET ref = 'm-9' WHERE seq = 2")
+    report = await store.verify_audit()
+    assert not report.ok
+    assert report.first_broken_seq == 2
+
+
+# ------------------------------------------------------------------------------ 7. refusals
+
+
+async def not_sqlite(path: Path) -> str:
+    path.write_text("line,order,qty\n1,4711,12.5\n" * 50)
+    return "is not an SQLite database"
+
+
+async def newer_schema(path: Path) -> str:
+    async with Store.open(path) as s:
+        await s.commit_units([msg_unit("m-1")])
+    sql(path, "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    return f"schema version {SCHEMA_VERSION + 1}, newer"
+
+
+async def foreign_db(path: Path) -> str:
+    sql(path, "CREATE TABLE widgets (id INTEGER PRIMARY KEY, name TEXT)")
+    sql(path, "INSERT INTO widgets (name) VALUES ('sprocket')")
+    return "missing tables audit, masterdata, meta, outbox, state"
+
+
+async def partial_store(path: Path) -> str:
+    async with Store.open(path) as s:
+        await s.commit_units([msg_unit("m-1")])
+    sql(path, "DROP TABLE audit")
+    sql(path, "DROP TABLE outbox")
+    return "missing tables audit, outbox"
+
+
+def assert_really_damaged(path: Path) -> None:
+    """Plain SQLite must agree that the file is damaged, or the test proves nothing."""
+    try:
+        verdict = sql(path, "PRAGMA integrity_check")
+    except sqlite3.DatabaseError:
+        return
+    assert verdict != [("ok",)]
+
+
+async def garbage_page(path: Path) -> str:
+    """The root page of the outbox table overwritten with 0xFF (not a valid b-tree page)."""
+    await fill(path)
+    page_size = sql(path, "PRAGMA page_size")[0][0]
+    root = sql(path, "SELECT rootpage FROM sqlite_master WHERE name = 'outbox'")[0][0]
+    with path.open("r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    assert_really_damaged(path)
+    return "damaged|integrity check"
+
+
+async def index_mismatch(path: Path) -> str:
+    """One state key changed in place: the table row and its primary-key index disagree.
+
+    The file stays structurally readable, so it is PRAGMA integrity_check that finds it.
+    """
+    await fill(path)
+    raw = bytearray(path.read_bytes())
+    key = b"counter/00150"
+    assert raw.count(key) == 2  # the table row and its index entry
+    at = raw.find(key)
+    raw[at : at + len(key)] = b"counter/0015X"
+    path.write_bytes(bytes(raw))
+    assert_really_damaged(path)
+    return "fails its integrity check"
+
+
+BadFile = Callable[[Path], Awaitable[str]]
+BAD_FILES = [
+    pytest.param(not_sqlite, id="not-sqlite"),
+    pytest.param(newer_schema, id="newer-schema"),
+    pytest.param(foreign_db, id="foreign-db"),
+    pytest.param(partial_store, id="partial-store"),
+    pytest.param(garbage_page, id="garbage-page"),
+    pytest.param(index_mismatch, id="index-mismatch"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("make_bad", BAD_FILES)
+async def test_untrustworthy_file_is_refused_naming_the_file(
+    tmp_path: Path, make_bad: BadFile
+) -> None:
+    path = tmp_path / "agent.db"
+    expected = await make_bad(path)
+    with pytest.raises(StoreError, match=expected) as caught:
+        async with Store.open(path):
+            pytest.fail("an untrustworthy store was opened")
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("make_bad", BAD_FILES)
+async def test_refused_file_is_left_untouched(tmp_path: Path, make_bad: BadFile) -> None:
+    path = tmp_path / "agent.db"
+    await make_bad(path)
+    before = files_in(tmp_path)
+    assert list(before) == ["agent.db"]
+    for _ in range(2):  # a restart loop must not wear it down either
+        with pytest.raises(StoreError):
+            async with Store.open(path):
+                pass
+    assert files_in(tmp_path) == before
+
+
+@pytest.mark.asyncio
+async def test_unreadable_schema_version_is_refused_with_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    async with Store.open(path):
+        pass
+    sql(path, "UPDATE meta SET value = 'one' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version") as caught:
+        async with Store.open(path):
+            pass
+    assert str(path) in str(caught.value)
+
+
+# --------------------------------------------------------------------------- 8. concurrency
+
+
+@pytest.mark.asyncio
+async def test_committer_and_acknowledger_run_concurrently(store: Store) -> None:
+    commits, per_unit = 60, 3
+    writing = True
+    delivered: list[str] = []
+    seqs: list[int] = []
+    rounds_while_writing = 0
+
+    async def committer() -> None:
+        nonlocal writing
+        for c in range(commits):
+            await store.commit_units(
+                [msg_unit(*(f"c{c:03d}-u{u}-{m}" for m in range(per_unit))) for u in range(2)]
+            )
+        writing = False
+
+    async def acknowledger() -> None:
+        nonlocal rounds_while_writing
+        while True:
+            was_writing = writing
+            batch = await store.outbox_batch(7)
+            if not batch:
+                if not was_writing:
+                    return
+                await asyncio.sleep(0)
+                continue
+            assert await store.acknowledge([r.seq for r in batch]) == len(batch)
+            delivered.extend(r.message_id for r in batch)
+            seqs.extend(r.seq for r in batch)
+            rounds_while_writing += was_writing
+
+    async with asyncio.timeout(20), asyncio.TaskGroup() as tg:
+        tg.create_task(committer())
+        tg.create_task(acknowledger())
+
+    assert rounds_while_writing > 0  # the two really overlapped
+    assert delivered == [
+        f"c{c:03d}-u{u}-{m}" for c in range(commits) for u in range(2) for m in range(per_unit)
+    ]
+    assert seqs == sorted(set(seqs))
+    assert await store.outbox_depth() == 0
+    report = await store.verify_audit()
+    assert report.ok
+    assert report.entries == commits * 2 * per_unit
+
+
+@pytest.mark.asyncio
+async def test_reader_never_sees_rows_of_a_commit_that_rolls_back(store: Store) -> None:
+    rounds = 5
+    doomed_in_flight = False
+    writing = True
+    polls_during_doomed = 0
+    seen: set[str] = set()
+
+    async def writer() -> None:
+        nonlocal doomed_in_flight, writing
+        for r in range(rounds):
+            doomed = [msg_unit(*(f"doomed-{r}-{u}-{i}" for i in range(40))) for u in range(3)]
+            for u, unit in enumerate(doomed):
+                unit.put_state(f"doomed/{r}/{u}", {"r": r})
+            doomed[-1].enqueue(f"doomed-{r}-bad", TOPIC, "not bytes", AT)  # fails last
+            doomed_in_flight = True
+            with pytest.raises(TypeError):
+                await store.commit_units(doomed)
+            doomed_in_flight = False
+            await store.commit_units([msg_unit(f"kept-{r}-{i}") for i in range(3)])
+        writing = False
+
+    async def reader() -> None:
+        nonlocal polls_during_doomed
+        while writing:
+            during = doomed_in_flight
+            rows = await store.outbox_batch(10_000)
+            state = await store.all_state("doomed/")
+            depth = await store.outbox_depth()
+            seen.update(r.message_id for r in rows)
+            assert not [r.message_id for r in rows if r.message_id.startswith("doomed")]
+            assert state == {}
+            assert depth <= 3 * rounds  # 120 doomed rows per round would show here
+            polls_during_doomed += during
+            await asyncio.sleep(0)
+
+    async with asyncio.timeout(20), asyncio.TaskGroup() as tg:
+        tg.create_task(writer())
+        tg.create_task(reader())
+
+    assert polls_during_doomed > 0  # the reader did poll while a doomed commit was under way
+    assert not [m for m in seen if m.startswith("doomed")]
+    kept = [f"kept-{r}-{i}" for r in range(rounds) for i in range(3)]
+    assert outbox_ids(store.path) == kept
+    report = await store.verify_audit()
+    assert report.ok, report
+    assert report.entries == len(kept)
+
+
+@pytest.mark.asyncio
+async def test_two_concurrent_committers_both_succeed(store: Store) -> None:
+    async def committer(name: str) -> None:
+        for i in range(10):
+            await store.commit_units([msg_unit(f"{name}-{i}")])
+
+    async with asyncio.timeout(20), asyncio.TaskGroup() as tg:
+        tg.create_task(committer("engine"))
+        tg.create_task(committer("commands"))
+
+    assert await store.outbox_depth() == 20
+    report = await store.verify_audit()
+    assert report.ok
+    assert report.entries == 20
+
+
+@pytest.mark.asyncio
+async def test_a_failed_acknowledge_leaves_the_store_usable(store: Store) -> None:
+    await store.commit_units([msg_unit("m-1", "m-2")])
+    first = (await store.outbox_batch(1))[0].seq
+    with pytest.raises(StoreError):
+        await store.acknowledge([first, object()])  # type: ignore[list-item]
+    assert await store.outbox_depth() == 2  # a failed acknowledge deletes nothing
+    await store.commit_units([msg_unit("m-3")])
+    assert await store.outbox_depth() == 3
+
+
+# ---------------------------------------------------------------- 9. state and master data
+
+
+@pytest.mark.asyncio
+async def test_state_round_trips_json_and_filters_by_literal_prefix(store: Store) -> None:
+    values: dict[str, dict[str, Any]] = {
+        "counter/line-1/good": {"last": 65535, "width": 16, "carry": "0.0004", "ok": True},
+        "counter/line-1/scrap": {"last": 0, "seen": [1, 2, 3], "note": None},
+        "counter_x": {"not": "a counter/ key"},
+        "counterAB": {"also": "not"},
+        "order/4711": {"consumed": {"SUGAR": "12.500 kg"}, "name": "Crème brûlée ✓"},
+        "Ä/1": {"umlaut": "ä"},
+        "Ä/2": {"umlaut": "ö"},
+    }
+    async with store.transaction() as tx:
+        for key, value in values.items():
+            tx.put_state(key, value)
+
+    for key, value in values.items():
+        assert await store.get_state(key) == value
+    assert await store.get_state("counter/line-2/good") is None
+    assert await store.all_state() == values
+    assert list(await store.all_state()) == sorted(values)
+    assert list(await store.all_state("counter/")) == [
+        "counter/line-1/good",
+        "counter/line-1/scrap",
+    ]
+    # prefixes are literal: '_' and '%' are not wildcards, non-ASCII counts in characters
+    assert list(await store.all_state("counter_")) == ["counter_x"]
+    assert await store.all_state("counter%") == {}
+    assert list(await store.all_state("Ä/")) == ["Ä/1", "Ä/2"]
+    assert await store.all_state("nothing/") == {}
+
+    async with store.transaction() as tx:
+        tx.put_state("counter/line-1/good", {"last": 3, "width": 16})  # replaced, not merged
+        tx.delete_state("counter/line-1/scrap")
+        tx.delete_state("never/existed")
+    assert await store.get_state("counter/line-1/good") == {"last": 3, "width": 16}
+    assert await store.get_state("counter/line-1/scrap") is None
+    assert list(await store.all_state("counter/")) == ["counter/line-1/good"]
+    # state writes are not audit entries
+    assert (await store.verify_audit()).entries == 0
+
+
+@pytest.mark.asyncio
+async def test_masterdata_round_trips_json_per_kind_and_key(store: Store) -> None:
+    bom = {
+        "material": "CREAM-50",
+        "revision": "C",
+        "base": {"qty": "100", "uom": "kg"},
+        "components": [{"material": "SUGAR", "qty": "12.5", "uom": "kg", "scrap": "0.02"}],
+    }
+    async with store.transaction() as tx:
+        tx.put_masterdata("bom", "CREAM-50", bom)
+        tx.put_masterdata("material", "CREAM-50", {"uom": "kg", "precision": 3})
+    assert await store.get_masterdata("bom", "CREAM-50") == bom
+    assert await store.get_masterdata("material", "CREAM-50") == {"uom": "kg", "precision": 3}
+    assert await store.get_masterdata("bom", "SUGAR") is None
+    assert await store.get_masterdata("lot", "CREAM-50") is None
+
+    async with store.transaction() as tx:
+        tx.put_masterdata("bom", "CREAM-50", {"material": "CREAM-50", "revision": "D"})
+    assert await store.get_masterdata("bom", "CREAM-50") == {
+        "material": "CREAM-50",
+        "revision": "D",
+    }
+    assert await store.get_masterdata("material", "CREAM-50") == {"uom": "kg", "precision": 3}
+    assert sql(store.path, "SELECT count(*) FROM masterdata") == [(2,)]

@@ -1,0 +1,1 @@
+"""Simulators of what surrounds the agent: the line PLCs, the MES and an embedded MQTT broker."""

@@ -1,0 +1,691 @@
+"""A line PLC over OPC UA (asyncua server) for the tests and the demo.
+
+It serves every node the agent configuration's signal maps name, so the agent and the simulator
+share one config file: ``LinePlc(config, port=...)`` listens on
+``opc.tcp://{host}:{port}/edge-agent/sim/`` with the namespace ``urn:edge-agent:sim`` at index 2.
+
+- **Types by role.** ``order`` String; ``good``, ``scrap``, ``flow`` the unsigned integer of the
+  counter's configured width (UInt16/32/64); ``complete_request``, ``complete_ack`` and
+  ``scale.stable`` Boolean; ``complete_good``, ``complete_scrap`` UInt32; ``scale.weight``,
+  ``scale.tare`` Double. Only ``complete_ack`` is writable by clients.
+- **Timestamps.** Every value the simulator sets carries an explicit SourceTimestamp (UTC),
+  strictly increasing across all its writes, so no two changes share one; a client's write to
+  ``complete_ack`` is stamped the same way, as a PLC stamps what it receives.
+- **Quality.** Good unless :meth:`LinePlc.set_quality` says otherwise. A node keeps its quality
+  until told again; while it is Bad the server serves no value (OPC UA Part 4, 7.7.1: a Bad
+  value is null), and restoring Good serves the last value again.
+- **Power cycle.** :meth:`LinePlc.stop` closes the listener, every connection and every session
+  (a power-cycled PLC forgets them); values survive into the next :meth:`LinePlc.start` unless
+  it is told to reset. While stopped, the PLC keeps counting: a value set meanwhile is what a
+  client reads after the restart.
+- **Totals.** :attr:`LinePlc.totals` is what the PLC counted per (order, work centre): counter
+  increments, acknowledged handshakes (kept apart), totalizer counts and weighings. Only what was
+  really written counts; :meth:`set_counter` and an order change's reset are not production.
+
+Run it on its own: ``python -m simulators.opcua_plc --config config/line.toml`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, cast
+
+from asyncua import ua
+from asyncua.server.address_space import NodeData
+from asyncua.server.server import Server
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.status_codes import StatusCodes
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from edge_agent.config import Config, CounterSignal, load_config
+from edge_agent.config import OpcUaSource as OpcUaSourceConfig
+from edge_agent.errors import ConfigError
+from edge_agent.sources.opcua import signal_nodes
+
+NAMESPACE: Final = "urn:edge-agent:sim"
+COUNTERS: Final = ("good", "scrap", "flow")
+_BOOLEANS: Final = frozenset({"complete_request", "complete_ack", "scale.stable"})
+_UNSIGNED: Final = {16: ua.VariantType.UInt16, 32: ua.VariantType.UInt32, 64: ua.VariantType.UInt64}
+_INITIAL: Final[dict[ua.VariantType, Any]] = {
+    ua.VariantType.String: "",
+    ua.VariantType.Boolean: False,
+    ua.VariantType.Double: 0.0,
+}
+_TICK: Final = timedelta(microseconds=1)
+
+
+@dataclass
+class Tally:
+    """What the PLC counted for one order at one work centre."""
+
+    good: int = 0  # counter increments
+    scrap: int = 0
+    confirmed_good: int = 0  # acknowledged operation-complete handshakes
+    confirmed_scrap: int = 0
+    handshakes: int = 0
+    flow: int = 0  # totalizer counts (raw; the config's scale makes them litres)
+    weighings: list[tuple[Decimal, Decimal]] = field(default_factory=list)  # (gross, tare)
+
+
+@dataclass
+class _Variable:
+    signal: str
+    address: str
+    node_id: ua.NodeId
+    vtype: ua.VariantType
+    width: int | None  # counters: wraps at 2**width
+    value: Any
+    stamp: datetime
+    status: ua.StatusCode = field(default_factory=ua.StatusCode)
+
+    def datavalue(self) -> ua.DataValue:
+        return ua.DataValue(
+            Value=ua.Variant(self.value, self.vtype),
+            StatusCode=self.status,
+            SourceTimestamp=_ua_time(self.stamp),
+            ServerTimestamp=_ua_time(self.stamp),
+        )
+
+
+@dataclass
+class _WorkCentre:
+    source: OpcUaSourceConfig
+    variables: dict[str, _Variable]
+    ack_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    handshake: asyncio.Lock = field(default_factory=asyncio.Lock)
+    state: str = "idle"
+
+    @property
+    def name(self) -> str:
+        return self.source.work_centre
+
+
+class LinePlc:
+    """The line's PLCs as one OPC UA server; an async context manager (start … stop)."""
+
+    def __init__(self, config: Config, host: str = "127.0.0.1", port: int = 4840) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self._server: Server | None = None
+        self._last_stamp = datetime.now(UTC) - timedelta(seconds=1)
+        self._work_centres: dict[str, _WorkCentre] = {}
+        self._variables: dict[str, _Variable] = {}
+        self._totals: dict[tuple[str, str], Tally] = {}
+        for source in config.sources:
+            if source.work_centre in self._work_centres:
+                raise ValueError(f"work centre {source.work_centre!r} has two sources")
+            variables = {}
+            for signal, address in signal_nodes(source.signals).items():
+                variable = self._variable(source, signal, address)
+                if address in self._variables:
+                    raise ValueError(f"node {address} is configured twice")
+                self._variables[address] = variables[signal] = variable
+            self._work_centres[source.work_centre] = _WorkCentre(source, variables)
+
+    def _variable(self, source: OpcUaSourceConfig, signal: str, address: str) -> _Variable:
+        node_id = ua.NodeId.from_string(address)
+        if node_id.NamespaceIndex < 2:
+            raise ValueError(
+                f"{source.name}: node {address}: the simulator serves namespace 2 "
+                f"({NAMESPACE}) and above"
+            )
+        width = None
+        if signal in COUNTERS:
+            counter = getattr(source.signals, signal)
+            assert isinstance(counter, CounterSignal)
+            width = counter.width
+            vtype = _UNSIGNED[width]
+        elif signal in _BOOLEANS:
+            vtype = ua.VariantType.Boolean
+        elif signal == "order":
+            vtype = ua.VariantType.String
+        elif signal in ("complete_good", "complete_scrap"):
+            vtype = ua.VariantType.UInt32
+        else:  # scale.weight, scale.tare
+            vtype = ua.VariantType.Double
+        value = _INITIAL.get(vtype, 0)
+        return _Variable(signal, address, node_id, vtype, width, value, self._stamp())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}/edge-agent/sim/"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def server(self) -> Server | None:
+        """The asyncua server while running (for a test that needs to go around the PLC)."""
+        return self._server
+
+    async def __aenter__(self) -> LinePlc:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self, reset: bool = False) -> None:
+        """Power on: serve every node with the values it had (initial values if ``reset``)."""
+        if self._server is not None:
+            return
+        if reset:
+            for variable in self._variables.values():
+                variable.value = _INITIAL.get(variable.vtype, 0)
+                variable.status = ua.StatusCode()
+                variable.stamp = self._stamp()
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("edge-agent line PLC simulator")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        server.disable_clock()
+        await self._build(server)
+        await server.start()
+        self._server = server
+
+    async def _build(self, server: Server) -> None:
+        needed = max(v.node_id.NamespaceIndex for v in self._variables.values())
+        index = await server.register_namespace(NAMESPACE)
+        assert index == 2, f"namespace {NAMESPACE} got index {index}"
+        for extra in range(3, needed + 1):
+            await server.register_namespace(f"{NAMESPACE}:ns{extra}")
+        for wc in self._work_centres.values():
+            folder = await server.nodes.objects.add_object(2, wc.name)
+            for variable in wc.variables.values():
+                node = await folder.add_variable(
+                    variable.node_id,
+                    ua.QualifiedName(
+                        _browse_name(wc.name, variable), variable.node_id.NamespaceIndex
+                    ),
+                    variable.value,
+                    variable.vtype,
+                )
+                if variable.signal == "complete_ack":
+                    await node.set_writable()
+                    server.set_attribute_value_setter(
+                        variable.node_id, self._ack_setter(wc, variable), AttributeIds.Value
+                    )
+                await server.write_attribute_value(variable.node_id, variable.datavalue())
+
+    async def stop(self) -> None:
+        """Power off: close the listener, every connection and session; the port is free after."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await server.stop()
+        # a power-cycled PLC forgets its sessions; asyncua keeps an activated session with
+        # subscriptions for its timeout after the socket closed (so a client may resume it),
+        # and its tasks with it. There is no public way to end them.
+        for session in list(server.iserver._external_sessions.values()):
+            await session.close_session(True)
+        await _wait_port_free(self.host, self.port)
+
+    async def restart(self, reset: bool = False) -> None:
+        """A power cycle."""
+        await self.stop()
+        await self.start(reset=reset)
+
+    def drop_connections(self) -> int:
+        """Cut every client connection (a network fault); the PLC keeps running and listening.
+        Returns how many were cut."""
+        transports = list(self._server.iserver.asyncio_transports) if self._server else []
+        for transport in transports:
+            transport.close()
+        return len(transports)
+
+    def hang_connections(self) -> int:
+        """Stop answering on every open connection, without closing it (a hung CPU or a
+        half-open network path: nothing tells the client). New connections are served.
+        Returns how many hang; :meth:`drop_connections` ends them."""
+        transports = list(self._server.iserver.asyncio_transports) if self._server else []
+        for transport in transports:
+            transport.pause_reading()
+        return len(transports)
+
+    # ------------------------------------------------------------------ writing values
+
+    def _stamp(self) -> datetime:
+        now = datetime.now(UTC)
+        self._last_stamp = now if now > self._last_stamp else self._last_stamp + _TICK
+        return self._last_stamp
+
+    async def _set(self, variable: _Variable, value: Any) -> None:
+        variable.value = value
+        variable.stamp = self._stamp()
+        await self._publish(variable)
+
+    async def _publish(self, variable: _Variable) -> None:
+        if self._server is not None:
+            await self._server.write_attribute_value(variable.node_id, variable.datavalue())
+
+    def _ack_setter(self, wc: _WorkCentre, variable: _Variable) -> Any:
+        def setter(node: NodeData, attr: AttributeIds, datavalue: ua.DataValue) -> None:
+            if datavalue.SourceTimestamp is None:  # a client's write: stamp it as a PLC would
+                datavalue.SourceTimestamp = datavalue.ServerTimestamp = _ua_time(self._stamp())
+            if datavalue.StatusCode is None:
+                datavalue.StatusCode = ua.StatusCode()
+            node.attributes[attr].value = datavalue
+            if datavalue.Value is not None and datavalue.Value.Value is not None:
+                variable.value = datavalue.Value.Value
+                variable.stamp = datavalue.SourceTimestamp or self._stamp()
+            wc.ack_changed.set()
+
+        return setter
+
+    def _wc(self, work_centre: str) -> _WorkCentre:
+        try:
+            return self._work_centres[work_centre]
+        except KeyError:
+            raise ValueError(
+                f"no work centre {work_centre!r} (known: {', '.join(self._work_centres)})"
+            ) from None
+
+    def _var(self, wc: _WorkCentre, signal: str) -> _Variable:
+        try:
+            return wc.variables[signal]
+        except KeyError:
+            raise ValueError(
+                f"{wc.name} has no {signal!r} signal (configured: {', '.join(wc.variables)})"
+            ) from None
+
+    def _tally(self, wc: _WorkCentre) -> Tally:
+        key = (str(wc.variables["order"].value), wc.name)
+        return self._totals.setdefault(key, Tally())
+
+    @property
+    def totals(self) -> dict[tuple[str, str], Tally]:
+        """(order, work centre) → what the PLC counted (a copy)."""
+        return {key: replace(t, weighings=list(t.weighings)) for key, t in self._totals.items()}
+
+    def value(self, work_centre: str, signal: str) -> Any:
+        """The value a node holds now (what a client would read, were its quality Good)."""
+        return self._var(self._wc(work_centre), signal).value
+
+    # ------------------------------------------------------------------ the line's actions
+
+    async def set_order(self, work_centre: str, order_id: str, reset_counters: bool = True) -> None:
+        """A new order at the work centre: the order id first, then the counters zeroed."""
+        wc = self._wc(work_centre)
+        await self._set(wc.variables["order"], order_id)
+        if reset_counters:
+            for name in COUNTERS:
+                if name in wc.variables:
+                    await self._set(wc.variables[name], 0)
+
+    async def produce(self, work_centre: str, good: int = 0, scrap: int = 0) -> None:
+        """Count parts on the cumulative counters (wrapping at their width)."""
+        wc = self._wc(work_centre)
+        for name, count in (("good", good), ("scrap", scrap)):
+            if count < 0:
+                raise ValueError(f"{name} must not be negative (got {count})")
+            if count:
+                await self._increment(self._var(wc, name), count)
+        tally = self._tally(wc)
+        tally.good += good
+        tally.scrap += scrap
+
+    async def flow(self, work_centre: str, counts: int) -> None:
+        """Add totalizer counts (wrapping at its width)."""
+        if counts < 0:
+            raise ValueError(f"counts must not be negative (got {counts})")
+        wc = self._wc(work_centre)
+        await self._increment(self._var(wc, "flow"), counts)
+        self._tally(wc).flow += counts
+
+    async def _increment(self, variable: _Variable, count: int) -> None:
+        assert variable.width is not None
+        await self._set(variable, (int(variable.value) + count) % (1 << variable.width))
+
+    async def set_counter(self, work_centre: str, signal: str, raw: int) -> None:
+        """Set a counter to any raw value (a rollover or reset test); not counted as production."""
+        wc = self._wc(work_centre)
+        if signal not in COUNTERS:
+            raise ValueError(f"{signal!r} is not a counter ({', '.join(COUNTERS)})")
+        variable = self._var(wc, signal)
+        assert variable.width is not None
+        if not 0 <= raw < 1 << variable.width:
+            raise ValueError(f"{signal} is {variable.width} bits wide: {raw} does not fit")
+        await self._set(variable, raw)
+
+    async def weigh(self, work_centre: str, gross: Decimal, tare: Decimal = Decimal(0)) -> None:
+        """A weighing: stable drops, gross and tare are written, stable rises (the agent takes
+        the weighing on that rising edge)."""
+        wc = self._wc(work_centre)
+        stable = self._var(wc, "scale.stable")
+        weight = self._var(wc, "scale.weight")
+        tare_node = wc.variables.get("scale.tare")
+        if tare_node is None and tare:
+            raise ValueError(f"{wc.name} has no scale.tare signal: tare must be 0")
+        await self._set(stable, False)
+        await self._set(weight, float(gross))
+        if tare_node is not None:
+            await self._set(tare_node, float(tare))
+        await self._set(stable, True)
+        self._tally(wc).weighings.append((gross, tare))
+
+    async def complete(
+        self, work_centre: str, good: int, scrap: int = 0, timeout: float | None = 10.0
+    ) -> None:
+        """The operation-complete handshake, as a PLC does it.
+
+        Waits for complete_ack to be low, writes complete_good and complete_scrap, raises
+        complete_request; waits until a client writes complete_ack = True (then the handshake
+        counts); drops complete_request; waits until complete_ack is False again.
+        ``timeout`` (seconds, None: wait for ever) bounds each wait: TimeoutError if the agent
+        does not acknowledge in time (the request is then withdrawn and nothing is counted).
+        """
+        wc = self._wc(work_centre)
+        request = self._var(wc, "complete_request")
+        ack = self._var(wc, "complete_ack")
+        quantities = (("complete_good", good), ("complete_scrap", scrap))
+        for name, count in quantities:
+            if count < 0 or (count and name not in wc.variables):
+                raise ValueError(f"{wc.name}: cannot report {name} = {count}")
+        async with wc.handshake:
+            state = wc.state
+            try:
+                wc.state = "waiting for ack low"
+                await self._wait_ack(wc, ack, False, timeout)
+                for name, count in quantities:
+                    if name in wc.variables:
+                        await self._set(wc.variables[name], count)
+                await self._set(request, True)
+                wc.state = "waiting for ack"
+                try:
+                    await self._wait_ack(wc, ack, True, timeout)
+                except TimeoutError as exc:
+                    await self._set(request, False)  # withdrawn
+                    if ack.value is not True:  # and the agent did not answer meanwhile
+                        raise TimeoutError(f"{exc}; request withdrawn") from None
+                    self._count_handshake(wc, good, scrap)
+                else:
+                    self._count_handshake(wc, good, scrap)
+                    await self._set(request, False)
+                wc.state = "waiting for ack low"
+                await self._wait_ack(wc, ack, False, timeout)
+            finally:
+                wc.state = state
+
+    def _count_handshake(self, wc: _WorkCentre, good: int, scrap: int) -> None:
+        tally = self._tally(wc)
+        tally.confirmed_good += good
+        tally.confirmed_scrap += scrap
+        tally.handshakes += 1
+
+    async def _wait_ack(
+        self, wc: _WorkCentre, ack: _Variable, target: bool, timeout: float | None
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while ack.value is not target:
+                    wc.ack_changed.clear()
+                    # a re-check every 50 ms as well, in case the write came in some other way
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await wc.ack_changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"{wc.name}: complete_ack did not become {target} within {timeout} s"
+            ) from None
+
+    async def set_quality(self, work_centre: str, signal: str, status: str) -> None:
+        """Set a node's StatusCode by name ("BadSensorFailure", "UncertainLastUsableValue",
+        "Good", ...), keeping its value, with a new timestamp."""
+        code = getattr(StatusCodes, status, None)
+        if not isinstance(code, int):
+            raise ValueError(f"unknown OPC UA status code {status!r}")
+        variable = self._var(self._wc(work_centre), signal)
+        variable.status = ua.StatusCode(ua.UInt32(code))
+        variable.stamp = self._stamp()
+        await self._publish(variable)
+
+    async def run_production(
+        self,
+        work_centre: str,
+        units: int | None,
+        rate_per_s: float,
+        scrap_every: int = 0,
+        *,
+        batch: int = 1,
+        flow_per_unit: int = 0,
+        ack_timeout: float | None = None,
+    ) -> None:
+        """Produce ``units`` (None: until cancelled) at about ``rate_per_s``.
+
+        Every ``scrap_every``-th unit is scrap (0: none). A work centre with the handshake
+        confirms every ``batch`` units with :meth:`complete` (waiting ``ack_timeout`` for the
+        agent, None: as long as it takes, as a line that waits for its confirmation); one with
+        counters counts each unit on them. ``flow_per_unit`` totalizer counts go with each unit.
+        """
+        if rate_per_s <= 0:
+            raise ValueError(f"rate_per_s must be positive (got {rate_per_s})")
+        wc = self._wc(work_centre)
+        wc.state = "producing"
+        try:
+            await self._produce_units(
+                wc, units, rate_per_s, scrap_every, batch, flow_per_unit, ack_timeout
+            )
+        finally:
+            wc.state = "idle"
+
+    async def _produce_units(
+        self,
+        wc: _WorkCentre,
+        units: int | None,
+        rate_per_s: float,
+        scrap_every: int,
+        batch: int,
+        flow_per_unit: int,
+        ack_timeout: float | None,
+    ) -> None:
+        work_centre = wc.name
+        handshake = "complete_request" in wc.variables
+        loop = asyncio.get_running_loop()
+        period = 1 / rate_per_s
+        due = loop.time()
+        made = good = scrap = 0
+        while units is None or made < units:
+            # a line that waited (for an acknowledge) does not make up for the time lost
+            due = max(due + period, loop.time())
+            await asyncio.sleep(due - loop.time())
+            made += 1
+            is_scrap = scrap_every > 0 and made % scrap_every == 0
+            if flow_per_unit and "flow" in wc.variables:
+                await self.flow(work_centre, flow_per_unit)
+            if handshake:
+                good += not is_scrap
+                scrap += is_scrap
+                if good + scrap >= batch or made == units:
+                    await self.complete(work_centre, good, scrap, timeout=ack_timeout)
+                    good = scrap = 0
+            elif is_scrap:
+                if "scrap" in wc.variables:
+                    await self.produce(work_centre, scrap=1)
+            elif "good" in wc.variables:
+                await self.produce(work_centre, good=1)
+
+    # ------------------------------------------------------------------ display
+
+    def table(self) -> Table:
+        """The live state of every work centre, for the command line."""
+        state = "running" if self.running else "stopped"
+        table = Table(title=f"line PLC simulator · {self.endpoint} · {state}")
+        for column in (
+            "work centre",
+            "order",
+            "good",
+            "scrap",
+            "confirmed",
+            "flow",
+            "weighings",
+            "state",
+        ):
+            table.add_column(
+                column, justify="left" if column in ("work centre", "order", "state") else "right"
+            )
+        for wc in self._work_centres.values():
+            order = str(wc.variables["order"].value)
+            tally = self._totals.get((order, wc.name), Tally())
+            table.add_row(
+                wc.name,
+                order or "-",
+                str(tally.good),
+                str(tally.scrap),
+                f"{tally.confirmed_good}+{tally.confirmed_scrap}",
+                str(tally.flow),
+                str(len(tally.weighings)),
+                wc.state,
+            )
+        return table
+
+
+def _ua_time(moment: datetime) -> ua.DateTime:
+    # asyncua types its timestamps as ua.DateTime, a bare subclass of datetime; it encodes any
+    # datetime (and fills these fields with datetime.now() itself)
+    return cast(ua.DateTime, moment)
+
+
+def _browse_name(work_centre: str, variable: _Variable) -> str:
+    identifier = variable.node_id.Identifier
+    if isinstance(identifier, str):
+        return identifier.removeprefix(f"{work_centre}.") or identifier
+    return variable.signal
+
+
+async def _wait_port_free(host: str, port: int, timeout: float = 5.0) -> None:
+    """Until the listening port can be bound again (closed transports finish on later loop
+    iterations)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError:
+                if loop.time() > deadline:
+                    raise
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.opcua_plc",
+        description="Serve the OPC UA nodes of an agent configuration and produce on every "
+        "work centre until Ctrl-C.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="agent configuration (TOML)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=_port, default=4840, help="port (default 4840)")
+    parser.add_argument("--order", default="WO-1", help="order id set on every work centre")
+    parser.add_argument(
+        "--rate", type=_positive, default=5.0, help="units per second per work centre"
+    )
+    parser.add_argument("--scrap-every", type=int, default=0, help="every N-th unit is scrap")
+    parser.add_argument("--flow-per-unit", type=int, default=100, help="totalizer counts per unit")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535 (got {port})")
+    return port
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 (got {text})")
+    return value
+
+
+async def _serve(plc: LinePlc, args: argparse.Namespace, console: Console) -> None:
+    async with plc:
+        for wc in plc.config.place.work_centres:
+            if any(s.work_centre == wc for s in plc.config.sources):
+                await plc.set_order(wc, args.order)
+        async with asyncio.TaskGroup() as tg:
+            for source in plc.config.sources:
+                tg.create_task(
+                    plc.run_production(
+                        source.work_centre,
+                        None,
+                        args.rate,
+                        args.scrap_every,
+                        flow_per_unit=args.flow_per_unit,
+                    ),
+                    name=f"produce[{source.work_centre}]",
+                )
+            with Live(plc.table(), console=console, refresh_per_second=4) as live:
+                while True:
+                    await asyncio.sleep(0.25)
+                    live.update(plc.table())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
+    # asyncua warns at every start that only the unsecured endpoint is offered: it is on purpose
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    err = Console(stderr=True)
+    if args.scrap_every < 0:
+        err.print("error: --scrap-every must not be negative")
+        return 2
+    try:
+        config = load_config(args.config)
+        plc = LinePlc(config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        err.print(
+            f"error: invalid configuration {str(args.config)!r}:", highlight=False, markup=False
+        )
+        for problem in exc.problems:
+            err.print(f"  {problem}", highlight=False, markup=False)
+        return 2
+    except ValueError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        return 2
+    try:
+        asyncio.run(_serve(plc, args, Console()))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        err.print(f"error: cannot serve {plc.endpoint}: {exc}", highlight=False, markup=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,9 @@
-"""A real mosquitto broker for tests: started on a free loopback port, stoppable, restartable.
+"""A real MQTT broker for tests: started on a free loopback port, stoppable, restartable.
+
+mosquitto when it is installed; otherwise the embedded amqtt broker (simulators/broker.py), which
+speaks MQTT 3.1.1 only: ``broker.protocols`` says which versions the broker speaks, and a test
+that needs MQTT 5 calls ``require_protocol(broker, "5")`` to skip itself on the embedded broker.
+``EDGE_AGENT_TEST_BROKER=embedded`` (or ``mosquitto``) forces the choice.
 
 The machine's own broker on 127.0.0.1:1883 is never touched: each test broker gets its own port,
 configuration, persistence directory and log under the test's temporary directory.
@@ -7,7 +12,7 @@ configuration, persistence directory and log under the test's temporary director
 from __future__ import annotations
 
 import getpass
-import random
+import os
 import shutil
 import socket
 import subprocess
@@ -15,38 +20,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
+from simulators.broker import EmbeddedBroker, free_port
+
+__all__ = ["Broker", "EmbeddedBroker", "broker", "free_port", "has_mosquitto", "require_protocol"]
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port() -> int:
-    """A free loopback port *below* the kernel's ephemeral range.
-
-    A port from the ephemeral range (what binding port 0 gives) can be handed to an outgoing
-    connection while the broker is stopped, e.g. a client's reconnect attempt, and then the
-    restarted broker finds its own port taken ("Address already in use").
-    """
-    low, _ = _ephemeral_range()
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, max(20001, low - 1))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @dataclass
@@ -58,6 +40,8 @@ class Broker:
     host: str = "127.0.0.1"
     acl: str | None = None  # mosquitto ACL file content; anonymous rules come first
     process: subprocess.Popen[bytes] | None = None
+
+    protocols: ClassVar[tuple[str, ...]] = ("5", "3.1.1")
 
     @property
     def config_file(self) -> Path:
@@ -133,12 +117,30 @@ def has_mosquitto() -> bool:
     return Path(MOSQUITTO).is_file()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    """A fresh mosquitto on a free port, stopped at the end of the test."""
-    if not has_mosquitto():
+def require_protocol(b: Broker | EmbeddedBroker, protocol: str) -> None:
+    """Skip the calling test when the broker does not speak ``protocol`` ("5" or "3.1.1")."""
+    if protocol not in b.protocols:
+        pytest.skip(f"the {type(b).__name__} speaks MQTT {', '.join(b.protocols)}, not {protocol}")
+
+
+def _use_mosquitto() -> bool:
+    choice = os.environ.get("EDGE_AGENT_TEST_BROKER", "")
+    if choice not in ("", "mosquitto", "embedded"):
+        pytest.fail(f"EDGE_AGENT_TEST_BROKER must be mosquitto or embedded (got {choice!r})")
+    if choice == "mosquitto" and not has_mosquitto():
         pytest.fail("mosquitto is not installed: .ci/run installs it (apt-get install mosquitto)")
-    b = Broker(tmp_path / "broker")
+    return choice != "embedded" and has_mosquitto()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker | EmbeddedBroker]:
+    """A fresh broker on a free port, stopped at the end of the test.
+
+    mosquitto first; the embedded amqtt broker when mosquitto is not installed.
+    """
+    b: Broker | EmbeddedBroker = (
+        Broker(tmp_path / "broker") if _use_mosquitto() else EmbeddedBroker(tmp_path / "broker")
+    )
     b.start()
     try:
         yield b

@@ -1,0 +1,819 @@
+"""The MES side of the wire contract: a subscriber with a persistent session and a ledger.
+
+It proves "nothing lost, nothing doubled" (shared/DESIGN.md §3.1) for the end-to-end test and
+`edge-agent demo`:
+
+- **Persistent session.** A fixed client id, MQTT 5 with a session expiry interval (or MQTT 3.1.1
+  with clean_session=False, for the embedded broker), subscribed at QoS 1 to
+  ``{topic_base}/out/#``: the broker queues for the MES while it is away.
+- **Acknowledged only once recorded.** Each message is validated with
+  :func:`edge_agent.messages.parse_message` and committed to the ledger *before* its PUBACK is sent
+  (paho's manual acknowledgement), so a simulator killed at any instant loses nothing: the broker
+  delivers again what was not acknowledged, and the ledger counts that as a duplicate.
+- **Deduplicated by message id.** The first delivery of an id is the message; every later one is
+  recorded in ``duplicates`` (with whether its content was identical, since the same id must always
+  carry the same message). Invalid messages go to ``rejected`` with the error naming every bad
+  field; they never stop the simulator.
+- **End-to-end acknowledgement** (``mes_ack``, for the agent's ``delivery = "mes-ack"``): once a
+  message is in the ledger (first delivery or repeat), its id is acknowledged on
+  ``{topic_base}/in/mes-ack`` as ``{"message_ids": [...]}``, so the agent keeps it in its outbox
+  until the MES has it, even across a broker that forgets sessions (the embedded one).
+- **Exact totals.** Quantities are kept as the decimal strings of the wire and summed as
+  :class:`~decimal.Decimal` in Python, never as SQL floats.
+
+The ledger is an SQLite file that survives a restart of the simulator (open the same file again).
+Run it on its own with ``python -m simulators.mes --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.config import Config
+from edge_agent.domain.quantities import fmt
+from edge_agent.errors import InputError
+from edge_agent.logs import configure_logging
+from edge_agent.messages import (
+    ExceptionMessage,
+    MaterialConsumed,
+    ProductionConfirmation,
+    kind_of,
+    parse_message,
+    wire_time,
+)
+from edge_agent.uplink.mqtt import close_sockets
+
+log = structlog.get_logger(__name__)
+
+Protocol = Literal["5", "3.1.1"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+
+LEDGER_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    message_id  TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS duplicates (
+    id          INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL REFERENCES messages (message_id),
+    topic       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    identical   INTEGER NOT NULL  -- 0: the same id carried a different message (a defect)
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    id          INTEGER PRIMARY KEY,
+    topic       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    error       TEXT NOT NULL,
+    payload     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consumption (
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    order_id    TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    material    TEXT NOT NULL,
+    uom         TEXT NOT NULL,
+    quantity    TEXT NOT NULL  -- the wire's decimal string
+);
+CREATE TABLE IF NOT EXISTS lot_movements (
+    message_id  TEXT NOT NULL REFERENCES messages (message_id),
+    idx         INTEGER NOT NULL,
+    order_id    TEXT NOT NULL,
+    lot         TEXT NOT NULL,
+    material    TEXT NOT NULL,
+    quantity    TEXT NOT NULL,
+    PRIMARY KEY (message_id, idx)
+);
+CREATE TABLE IF NOT EXISTS confirmations (
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    order_id    TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    good        TEXT NOT NULL,
+    scrap       TEXT NOT NULL,
+    uom         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exceptions (
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    code        TEXT NOT NULL,
+    severity    TEXT NOT NULL,
+    order_id    TEXT,
+    text        TEXT NOT NULL
+);
+CREATE VIEW IF NOT EXISTS totals AS SELECT
+    (SELECT count(*) FROM messages) AS received,
+    (SELECT count(*) FROM duplicates) AS duplicates,
+    (SELECT count(*) FROM rejected) AS rejected,
+    (SELECT count(*) FROM duplicates WHERE NOT identical) AS conflicts;
+CREATE VIEW IF NOT EXISTS received_by_kind AS
+    SELECT kind, count(*) AS messages FROM messages GROUP BY kind;
+CREATE VIEW IF NOT EXISTS exception_counts AS
+    SELECT code, count(*) AS messages FROM exceptions GROUP BY code;
+"""
+
+AnyMessage = MaterialConsumed | ProductionConfirmation | ExceptionMessage
+K = TypeVar("K")
+
+
+class Counts(NamedTuple):
+    """What reached the MES: unique messages, repeat deliveries, invalid ones.
+
+    ``conflicts`` counts repeat deliveries whose content differed from the first delivery of
+    their id: always a defect on the sending side.
+    """
+
+    received: int
+    duplicates: int
+    rejected: int
+    conflicts: int
+
+
+class Recorded(NamedTuple):
+    """What the ledger made of one delivery."""
+
+    outcome: Literal["new", "duplicate", "rejected"]
+    message_id: str | None  # None when rejected
+    error: str | None = None  # why it was rejected
+
+
+class Rejection(NamedTuple):
+    topic: str
+    received_at: str
+    error: str
+    payload: bytes
+
+
+def _now() -> str:
+    return wire_time(datetime.now(UTC))
+
+
+class Ledger:
+    """The MES's record of every delivery, in one SQLite file.
+
+    ``record`` is called on paho's network thread; it has its own connection, guarded by a lock.
+    Every report opens a short-lived connection of its own (WAL: readers never block the writer),
+    so reports work from any thread, while the simulator runs, and from another process.
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if create:
+            with self._lock:
+                self._writer()
+
+    @classmethod
+    def existing(cls, path: Path | str) -> Ledger:
+        """Open a ledger that must exist, for reports only; InputError says what is wrong."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{path}: not an SQLite database ({exc})") from None
+        if version != LEDGER_VERSION:
+            raise InputError(f"{path}: not an MES simulator ledger (user_version {version})")
+        return cls(path, create=False)
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode = WAL")
+            # a commit in the WAL survives a crash of this process, which is what the
+            # acknowledgement after commit relies on; the MES is a simulator, not a book of record
+            db.execute("PRAGMA synchronous = NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, LEDGER_VERSION):
+                db.close()
+                raise InputError(
+                    f"{self.path}: ledger version {version}, this simulator reads {LEDGER_VERSION}"
+                )
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # ------------------------------------------------------------------------ recording
+
+    def record(self, topic: str, payload: bytes) -> Recorded:
+        """Validate and record one delivery, committed when this returns."""
+        received_at = _now()
+        try:
+            message = parse_message(payload)
+            kind = kind_of(message).value
+            topic_kind = topic.rsplit("/", 1)[-1]
+            if topic_kind != kind:
+                raise InputError(
+                    f"topic kind {topic_kind!r} does not match the message's schema "
+                    f"{message.schema_name!r}"
+                )
+        except InputError as exc:
+            with self._lock:
+                db = self._writer()
+                db.execute(
+                    "INSERT INTO rejected (topic, received_at, error, payload) VALUES (?, ?, ?, ?)",
+                    (topic, received_at, str(exc), payload),
+                )
+            return Recorded("rejected", None, str(exc))
+        with self._lock, self._transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO messages (message_id, kind, topic, received_at, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (message.message_id, kind, topic, received_at, payload),
+            ).rowcount
+            if not inserted:
+                (first,) = db.execute(
+                    "SELECT payload FROM messages WHERE message_id = ?", (message.message_id,)
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO duplicates (message_id, topic, received_at, identical) "
+                    "VALUES (?, ?, ?, ?)",
+                    (message.message_id, topic, received_at, parse_message(first) == message),
+                )
+                return Recorded("duplicate", message.message_id)
+            _insert_details(db, message)
+            return Recorded("new", message.message_id)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._writer()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # ------------------------------------------------------------------------ reports
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def counts(self) -> Counts:
+        with self._reader() as db:
+            return Counts(*db.execute("SELECT * FROM totals").fetchone())
+
+    def received_by_kind(self) -> dict[str, int]:
+        with self._reader() as db:
+            return dict(db.execute("SELECT kind, messages FROM received_by_kind"))
+
+    def consumption(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, material, uom) → the sum of material-consumed ``quantity`` (corrections too)."""
+        with self._reader() as db:
+            rows = db.execute("SELECT order_id, material, uom, quantity FROM consumption")
+            return _sum(((order, material, uom), qty) for order, material, uom, qty in rows)
+
+    def lot_movements(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, lot, material) → the sum of the lot movements of material-consumed."""
+        with self._reader() as db:
+            rows = db.execute("SELECT order_id, lot, material, quantity FROM lot_movements")
+            return _sum(((order, lot, material), qty) for order, lot, material, qty in rows)
+
+    def confirmations(self) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
+        """(order, operation) → (good, scrap) summed over production confirmations."""
+        out: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
+        with self._reader() as db:
+            rows = db.execute("SELECT order_id, operation, good, scrap FROM confirmations")
+            for order, operation, good, scrap in rows:
+                g, s = out.get((order, operation), (Decimal(0), Decimal(0)))
+                out[order, operation] = (g + Decimal(good), s + Decimal(scrap))
+        return out
+
+    def exceptions(self) -> dict[str, int]:
+        """Exception code → how many exception messages carried it."""
+        with self._reader() as db:
+            return dict(db.execute("SELECT code, messages FROM exception_counts ORDER BY code"))
+
+    def rejections(self) -> list[Rejection]:
+        with self._reader() as db:
+            rows = db.execute("SELECT topic, received_at, error, payload FROM rejected ORDER BY id")
+            return [Rejection(t, at, e, bytes(p)) for t, at, e, p in rows]
+
+
+def _insert_details(db: sqlite3.Connection, message: AnyMessage) -> None:
+    mid = message.message_id
+    if isinstance(message, MaterialConsumed):
+        db.execute(
+            "INSERT INTO consumption (message_id, order_id, operation, material, uom, quantity) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                mid,
+                message.order,
+                message.operation,
+                message.material,
+                message.uom,
+                fmt(message.quantity),
+            ),
+        )
+        db.executemany(
+            "INSERT INTO lot_movements (message_id, idx, order_id, lot, material, quantity) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (mid, i, message.order, m.lot, m.material, fmt(m.quantity))
+                for i, m in enumerate(message.lots)
+            ],
+        )
+    elif isinstance(message, ProductionConfirmation):
+        db.execute(
+            "INSERT INTO confirmations (message_id, order_id, operation, good, scrap, uom) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                mid,
+                message.order,
+                message.operation,
+                fmt(message.good),
+                fmt(message.scrap),
+                message.uom,
+            ),
+        )
+    else:
+        db.execute(
+            "INSERT INTO exceptions (message_id, code, severity, order_id, text) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (mid, message.code.value, message.severity.value, message.order, message.text),
+        )
+
+
+def _sum(rows: Iterable[tuple[K, str]]) -> dict[K, Decimal]:
+    out: dict[K, Decimal] = {}
+    for key, quantity in rows:
+        out[key] = out.get(key, Decimal(0)) + Decimal(quantity)
+    return out
+
+
+# ---------------------------------------------------------------------------------- simulator
+
+
+class MesSimulator:
+    """The MES: a persistent MQTT session at QoS 1 that records every delivery in a ledger.
+
+    ``start`` connects (and, with a ``timeout``, waits until subscribed); paho reconnects by
+    itself with a backoff from ``reconnect_min_s`` (never zero: a client retrying without pause
+    can take a restarting broker's port) doubling up to ``reconnect_max_s``. ``stop`` disconnects
+    cleanly and keeps the session on the broker; ``start`` again resumes it. Reports read the
+    ledger and work whether or not the simulator is connected.
+    """
+
+    def __init__(
+        self,
+        ledger: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        topic_base: str | None = None,
+        topic_filter: str | None = None,
+        protocol: Protocol = "5",
+        client_id: str = "mes-sim",
+        session_expiry_s: int = 7 * 24 * 3600,
+        keepalive_s: int = 30,
+        reconnect_min_s: int = 1,
+        reconnect_max_s: int = 8,
+        mes_ack: bool = False,
+    ) -> None:
+        if (topic_base is None) == (topic_filter is None):
+            raise ValueError("give exactly one of topic_base and topic_filter")
+        if mes_ack and topic_base is None:
+            raise ValueError("mes_ack needs topic_base: acknowledgements go to {topic_base}/in/")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
+        if reconnect_min_s < 1 or reconnect_max_s < reconnect_min_s:
+            raise ValueError("need 1 <= reconnect_min_s <= reconnect_max_s")
+        self.host = host
+        self.port = port
+        self.topic_filter = topic_filter if topic_filter is not None else f"{topic_base}/out/#"
+        self.protocol: Protocol = protocol
+        self.client_id = client_id
+        self.session_expiry_s = session_expiry_s
+        self.keepalive_s = keepalive_s
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        #: where recorded message ids are acknowledged (None: no end-to-end acknowledgement)
+        self.ack_topic = f"{topic_base}/in/mes-ack" if mes_ack else None
+        self.ledger = Ledger(ledger)
+        #: end-to-end acknowledgements published
+        self.acks_sent = 0
+        #: deliveries the ledger could not record (not acknowledged: the broker sends them again)
+        self.errors = 0
+        #: the last refusal (connect or subscribe) seen from the broker
+        self.last_error: str | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+
+    @classmethod
+    def for_agent(cls, config: Config, ledger: Path | str, **kwargs: Any) -> MesSimulator:
+        """The MES of one agent: its broker, protocol and ``{topic_base}/out/#``.
+
+        ``kwargs`` override any of these and set the rest (client id, backoff, ...).
+        """
+        options: dict[str, Any] = {
+            "host": config.mqtt.host,
+            "port": config.mqtt.port,
+            "protocol": config.mqtt.protocol,
+            "topic_base": config.topic_base,
+            "mes_ack": config.mqtt.delivery == "mes-ack",
+        }
+        options.update(kwargs)
+        return cls(ledger, **options)
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float | None = 10.0) -> None:
+        """Connect; with a ``timeout``, wait until subscribed (else stop and raise TimeoutError)."""
+        if self._client is not None:
+            raise RuntimeError("the MES simulator is already started")
+        v5 = self.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # MQTT 5 sets its session through clean_start and the expiry interval instead
+            clean_session=None if v5 else False,
+            manual_ack=True,  # PUBACK only once the ledger has committed the message
+        )
+        client.reconnect_delay_set(self.reconnect_min_s, self.reconnect_max_s)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: unannotated
+            props.SessionExpiryInterval = self.session_expiry_s
+            client.connect_async(
+                self.host, self.port, self.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            client.connect_async(self.host, self.port, self.keepalive_s)
+        client.loop_start()
+        if timeout is not None and not self._subscribed.wait(timeout):
+            error = self.last_error
+            self.stop()
+            raise TimeoutError(
+                f"MES simulator not subscribed to {self.topic_filter!r} on "
+                f"{self.host}:{self.port} within {timeout} s" + (f" ({error})" if error else "")
+            )
+
+    def stop(self) -> None:
+        """Disconnect cleanly; the broker keeps the session and queues for it."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        client.disconnect()
+        client.loop_stop()
+        close_sockets(client)
+        self._connected.clear()
+        self._subscribed.clear()
+        self.ledger.close()
+
+    def close(self) -> None:
+        self.stop()
+        self.ledger.close()
+
+    def __enter__(self) -> MesSimulator:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
+    # ------------------------------------------------------------------------ reports
+
+    def counts(self) -> Counts:
+        return self.ledger.counts()
+
+    def received_by_kind(self) -> dict[str, int]:
+        return self.ledger.received_by_kind()
+
+    def consumption(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, material, uom) → quantity consumed, corrections included."""
+        return self.ledger.consumption()
+
+    def lot_movements(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, lot, material) → quantity drawn from the lot (returns negative)."""
+        return self.ledger.lot_movements()
+
+    def confirmations(self) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
+        """(order, operation) → (good, scrap)."""
+        return self.ledger.confirmations()
+
+    def exceptions(self) -> dict[str, int]:
+        """Exception code → count."""
+        return self.ledger.exceptions()
+
+    def rejections(self) -> list[Rejection]:
+        return self.ledger.rejections()
+
+    def wait_for(
+        self,
+        condition: int | Callable[[MesSimulator], bool],
+        timeout: float = 20.0,
+        interval: float = 0.05,
+    ) -> None:
+        """Poll the ledger until ``condition`` holds: a count of unique messages, or a predicate.
+
+        Raises TimeoutError (with the counts so far) when it does not hold within ``timeout``.
+        """
+        check: Callable[[MesSimulator], bool]
+        if isinstance(condition, int):
+            wanted = condition
+
+            def check(mes: MesSimulator) -> bool:
+                return mes.counts().received >= wanted
+
+            what = f"{wanted} unique messages"
+        else:
+            check, what = condition, "the condition"
+        deadline = time.monotonic() + timeout
+        while not check(self):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"MES simulator: {what} not reached within {timeout} s ({self.counts()})"
+                )
+            time.sleep(interval)
+
+    # ------------------------------------------------------------------ paho callbacks (thread)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        rc: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if rc.is_failure:
+            self.last_error = f"connection refused: {rc}"
+            log.warning("mes_connect_refused", reason=str(rc))
+            return
+        self._connected.set()
+        log.info(
+            "mes_connected",
+            host=self.host,
+            port=self.port,
+            client_id=self.client_id,
+            session_present=flags.session_present,
+        )
+        # every time: a broker that lost the session (restarted without persistence) forgot it
+        client.subscribe(self.topic_filter, qos=1)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            self.last_error = f"subscription to {self.topic_filter!r} refused: {refused[0]}"
+            log.error("mes_subscribe_refused", topic=self.topic_filter, reason=refused[0])
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        rc: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._subscribed.clear()
+        if was_connected and rc.is_failure:
+            log.warning("mes_disconnected", reason=str(rc))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            recorded = self.ledger.record(message.topic, bytes(message.payload))
+        except Exception:
+            # not recorded, so not acknowledged: the broker delivers it again on reconnect
+            self.errors += 1
+            log.exception("mes_ledger_error", topic=message.topic)
+            return
+        if recorded.message_id is None:
+            log.warning("mes_message_rejected", topic=message.topic, error=recorded.error)
+        elif self.ack_topic is not None:
+            # a repeat is acknowledged again: the agent sent it because it missed the first ack
+            ack = json.dumps({"message_ids": [recorded.message_id]})
+            client.publish(self.ack_topic, ack, qos=1)
+            self.acks_sent += 1
+        client.ack(message.mid, message.qos)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < len(columns) - 1 else "right")
+    for row in rows:
+        table.add_row(*(fmt(v) if isinstance(v, Decimal) else str(v) for v in row))
+    return table
+
+
+def report_tables(ledger: Ledger) -> list[Table]:
+    """The ledger's totals as rich tables, one per report."""
+    counts = ledger.counts()
+    messages = _table(
+        "Messages",
+        ["", "count"],
+        [
+            ("received (unique)", counts.received),
+            *sorted((f"  {kind}", n) for kind, n in ledger.received_by_kind().items()),
+            ("duplicate deliveries", counts.duplicates),
+            ("  of which conflicting", counts.conflicts),
+            ("rejected", counts.rejected),
+        ],
+    )
+    consumption = _table(
+        "Consumption",
+        ["order", "material", "uom", "quantity"],
+        [(*key, qty) for key, qty in sorted(ledger.consumption().items())],
+    )
+    lots = _table(
+        "Lot movements",
+        ["order", "lot", "material", "quantity"],
+        [(*key, qty) for key, qty in sorted(ledger.lot_movements().items())],
+    )
+    confirmations = Table(title="Confirmations", title_justify="left")
+    for column in ("order", "operation"):
+        confirmations.add_column(column)
+    for column in ("good", "scrap"):
+        confirmations.add_column(column, justify="right")
+    for (order, operation), (good, scrap) in sorted(ledger.confirmations().items()):
+        confirmations.add_row(order, operation, fmt(good), fmt(scrap))
+    exceptions = _table("Exceptions", ["code", "count"], sorted(ledger.exceptions().items()))
+    return [messages, consumption, lots, confirmations, exceptions]
+
+
+def print_report(ledger: Ledger, console: Console) -> None:
+    for table in report_tables(ledger):
+        console.print(table)
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 1..65535, got {value!r}")
+    return host, int(port_text)
+
+
+def _check_topic(value: str, wildcards: bool) -> str:
+    levels = value.split("/")
+    if not value or any(not level for level in levels):
+        raise ValueError(f"must be topic levels separated by '/', none empty (got {value!r})")
+    if not wildcards and any(c in value for c in "+#"):
+        raise ValueError(f"must not contain the wildcards '+' or '#' (got {value!r})")
+    return value
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.mes",
+        description="The MES side of the agent's MQTT contract: receives, validates and "
+        "deduplicates the agent's messages into an SQLite ledger; Ctrl-C prints the totals.",
+    )
+    parser.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
+    parser.add_argument(
+        "--topic-base",
+        help="the agent's {root}/{site}/{area}/{line}/{agent}; subscribes to .../out/#",
+    )
+    parser.add_argument("--topic", help="subscribe to this topic filter instead")
+    parser.add_argument("--ledger", type=Path, required=True, help="the SQLite ledger file")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="5", help="MQTT version")
+    parser.add_argument("--client-id", default="mes-sim", help="the persistent session's id")
+    parser.add_argument(
+        "--mes-ack",
+        action="store_true",
+        help="acknowledge each recorded id on {topic-base}/in/mes-ack (the agent's "
+        'delivery = "mes-ack")',
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only print the totals of an existing ledger"
+    )
+    args = parser.parse_args(argv)
+    console = Console()
+
+    if args.report:
+        try:
+            ledger = Ledger.existing(args.ledger)
+        except InputError as exc:
+            parser.error(f"--ledger: {exc}")
+        print_report(ledger, console)
+        return 0
+
+    try:
+        host, port = parse_broker(args.broker)
+    except ValueError as exc:
+        parser.error(f"--broker: {exc}")
+    if (args.topic_base is None) == (args.topic is None):
+        parser.error("give --topic-base (or, instead, --topic)")
+    if args.mes_ack and args.topic_base is None:
+        parser.error("--mes-ack needs --topic-base: acknowledgements go to {topic-base}/in/")
+    try:
+        if args.topic_base is not None:
+            _check_topic(args.topic_base, wildcards=False)
+        else:
+            _check_topic(args.topic, wildcards=True)
+    except ValueError as exc:
+        parser.error(f"--topic-base/--topic: {exc}")
+    if args.ledger.exists() and not args.ledger.is_file():
+        parser.error(f"--ledger: {args.ledger} is not a file")
+    try:
+        mes = MesSimulator(
+            args.ledger,
+            host=host,
+            port=port,
+            topic_base=args.topic_base,
+            topic_filter=args.topic,
+            protocol=args.protocol,
+            client_id=args.client_id,
+            mes_ack=args.mes_ack,
+        )
+    except (InputError, sqlite3.DatabaseError) as exc:
+        parser.error(f"--ledger: {exc}")
+
+    configure_logging("info")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        mes.start(timeout=None)
+        console.print(
+            f"MES simulator [bold]{mes.client_id}[/] on {host}:{port} (MQTT {mes.protocol}): "
+            f"{mes.topic_filter} → {args.ledger}. Ctrl-C prints the totals."
+        )
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mes.close()
+    print_report(mes.ledger, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -109,6 +109,8 @@ class WorkCentreState:
     weight: Decimal | None = None
     tare: Decimal | None = None
     stable: bool | None = None
+    #: source time of the stable=True last taken as a weighing (or baselined on first sight)
+    weighed_at: datetime | None = None
     bad_signals: dict[str, str] = field(default_factory=dict)  # signal → status, while not good
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +130,7 @@ class WorkCentreState:
             "weight": str(self.weight) if self.weight is not None else None,
             "tare": str(self.tare) if self.tare is not None else None,
             "stable": self.stable,
+            "weighed_at": self.weighed_at.isoformat() if self.weighed_at else None,
             "bad_signals": self.bad_signals,
         }
 
@@ -149,6 +152,7 @@ class WorkCentreState:
             weight=parse_decimal(d["weight"]) if d.get("weight") is not None else None,
             tare=parse_decimal(d["tare"]) if d.get("tare") is not None else None,
             stable=d.get("stable"),
+            weighed_at=datetime.fromisoformat(d["weighed_at"]) if d.get("weighed_at") else None,
             bad_signals=dict(d.get("bad_signals", {})),
         )
 
@@ -509,14 +513,30 @@ class Engine:
             setattr(wc, signal.removeprefix("scale."), reading)
             self._dirty.add(key)
         elif signal == "scale.stable":
-            stable = _bool(event)
-            if stable and wc.stable is False:
-                self._weighing(source, wc, event)
-            if stable is not wc.stable:
-                wc.stable = stable
-                self._dirty.add(key)
+            self._stable(source, wc, event)
         # complete_ack is the agent's own tag: nothing to do
         return []
+
+    def _stable(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
+        """A weighing is the scale's stable=True, identified by its source timestamp.
+
+        Not only a False→True edge: a weighing finished while the agent was away (or whose
+        edge was still queued when it stopped) shows up as a True newer than the last one taken.
+        A duplicate or older notification is not a new weighing; on a fresh agent the first
+        True seen is a baseline (it may be an old weighing), as with counters.
+        """
+        stable = _bool(event)
+        at = event.source_time or event.received_at
+        if stable:
+            first_sight = wc.stable is None and wc.weighed_at is None
+            if first_sight or wc.weighed_at is None or at > wc.weighed_at:
+                wc.weighed_at = at
+                self._dirty.add(f"wc/{source.work_centre}")
+                if not first_sight:
+                    self._weighing(source, wc, event)
+        if stable is not wc.stable:
+            wc.stable = stable
+            self._dirty.add(f"wc/{source.work_centre}")
 
     def _order_changed(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
         value = event.value

@@ -335,8 +335,9 @@ async def test_flow_and_weighing(tmp_path: Path, store: Store) -> None:
     engine.apply(line.event("MIX-1", "scale.stable", False))
     engine.apply(line.event("MIX-1", "scale.tare", Decimal("0.5")))
     engine.apply(line.event("MIX-1", "scale.weight", Decimal("1.2")))  # far off target
-    engine.apply(line.event("MIX-1", "scale.stable", True))
-    engine.apply(line.event("MIX-1", "scale.stable", True))  # no edge: nothing
+    taken = line.event("MIX-1", "scale.stable", True)
+    engine.apply(taken)
+    engine.apply(taken)  # the same notification again: not a new weighing
     engine.apply(line.event("MIX-1", "scale.stable", False))
     # 250 tubes × 0.005 kg = 1.25 kg; a double from the PLC, rounded to the 0.001 resolution
     engine.apply(line.event("MIX-1", "scale.weight", Decimal("1.7539999999999998")))
@@ -375,3 +376,31 @@ async def test_run_commits_batches_and_stops_cleanly(tmp_path: Path, store: Stor
     assert report.ok
     assert report.entries == await store.outbox_depth()
     json.dumps(engine.work_centres["MIX-1"].to_dict())  # persisted as JSON
+
+
+@pytest.mark.asyncio
+async def test_a_weighing_finished_while_the_agent_was_away_is_taken_once(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock()
+    line = Line(clock)
+    config = make_config(tmp_path)
+    engine = await load(config, store, clock)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "scale.stable", True))  # first sight: a baseline only
+    engine.apply(line.event("MIX-1", "scale.tare", Decimal("0.5")))
+    await commit(engine, store)
+    # the agent is away; the scale goes unstable, is loaded and settles: no event is seen
+    engine.apply(line.event("MIX-1", "scale.weight", Decimal("1.75")))
+    settled = line.event("MIX-1", "scale.stable", True)
+    again = await load(config, store, clock)  # restarted: the reads after connecting
+    for event in (
+        line.event("MIX-1", "scale.weight", Decimal("1.75"), origin=Origin.READ),
+        line.event("MIX-1", "scale.tare", Decimal("0.5"), origin=Origin.READ),
+        settled,
+        settled,
+    ):
+        again.apply(event)
+    await commit(again, store)
+    totals = consumed(await outbox(store))
+    assert totals == {("WO-7", "RM-ACTIVE"): Decimal("1.250")}

@@ -1,7 +1,8 @@
-"""Command line: ``edge-agent calc`` and ``edge-agent demo``.
+"""Command line: ``edge-agent run``, ``demo``, ``validate``, ``status`` and ``calc``.
 
 Exit codes: 0 success, 2 bad arguments, configuration or master data (with a message naming the
-field and the value), 1 anything unexpected.
+field and the value), 3 a store the agent cannot trust (damaged, newer schema), 1 anything else
+that stops the agent.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import NoReturn
 from rich.console import Console
 
 from edge_agent import __version__
+from edge_agent.agent import serve
 from edge_agent.calc import parse_confirmation, run_calc
 from edge_agent.config import load_config
-from edge_agent.demo import run_demo
+from edge_agent.demo import run_rules_demo
 from edge_agent.documents import load_lots_file, load_master
 from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import parse_timestamp
@@ -29,12 +31,17 @@ from edge_agent.errors import (
     InvalidDocumentError,
     LotDataError,
     MasterDataError,
+    StoreError,
 )
+from edge_agent.logs import configure_logging
 from edge_agent.reports import print_table
+from edge_agent.shiftdemo import run_shift_demo
+from edge_agent.status import show_status
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_STORE = 3
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -91,10 +98,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("config", type=Path, metavar="CONFIG.toml")
 
-    sub.add_parser(
+    run = sub.add_parser(
+        "run",
+        help="run the agent: PLC signals to backflush postings for the MES",
+        description=(
+            "Run the agent as a daemon with the given configuration. Refuses to start on an "
+            "invalid configuration (exit 2, every error with its path) or a store it cannot "
+            "trust (exit 3). Stops cleanly on SIGTERM or SIGINT: sources first, then the "
+            "engine commits what is queued, then the offline status is published."
+        ),
+    )
+    run.add_argument("config", type=Path, metavar="CONFIG.toml")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: JSON lines unless standard error is a terminal",
+    )
+
+    status = sub.add_parser(
+        "status",
+        help="show what the agent's store holds: outbox, work centres, orders, audit chain",
+    )
+    status.add_argument("config", type=Path, metavar="CONFIG.toml")
+
+    demo = sub.add_parser(
         "demo",
-        help="run the example line (today: the backflush calculation on config/)",
-        description="Run the example line's master data and lots through the backflush rules.",
+        help="run a scripted shift on the example line, end to end, and reconcile it",
+        description=(
+            "Start the OPC UA line PLC simulator, an MQTT broker (embedded unless --broker is "
+            "given), the MES simulator and the agent itself, run two orders with a broker "
+            "outage and an agent restart, and compare what the MES received with what the PLC "
+            "counted. Exit 0 when they are equal, 1 when anything was lost or doubled."
+        ),
+    )
+    demo.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        type=_host_port,
+        help="use this MQTT 5 broker (e.g. a mosquitto) instead of the embedded one; it is not "
+        "stopped, so the demo has no broker outage then",
+    )
+    demo.add_argument(
+        "--rules",
+        action="store_true",
+        help="instead, walk one order through the pure backflush rules step by step",
     )
     return parser
 
@@ -103,9 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    commands = {"calc": _calc, "validate": _validate, "demo": _demo}
+    commands = {
+        "calc": _calc,
+        "validate": _validate,
+        "demo": _demo,
+        "run": _run,
+        "status": _status,
+    }
     try:
         return commands[args.command](args, out)
+    except StoreError as exc:
+        err.print(f"edge-agent: {exc}", markup=False)
+        return EXIT_STORE
     except InvalidDocumentError as exc:
         what = {MasterDataError: "master data", LotDataError: "lots"}.get(
             type(exc), str(getattr(args, "config", "input"))
@@ -122,8 +180,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace, out: Console) -> int:
-    run_demo(out, CONFIG_DIR)
-    return EXIT_OK
+    if args.rules:
+        run_rules_demo(out, CONFIG_DIR)
+        return EXIT_OK
+    return run_shift_demo(out, args.broker)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT such as 127.0.0.1:1883 (got {text!r})"
+        )
+    return host, int(port)
+
+
+def _run(args: argparse.Namespace, out: Console) -> int:
+    config = load_config(args.config)
+    configure_logging(args.log_level, args.log_format)
+    return serve(config)
+
+
+def _status(args: argparse.Namespace, out: Console) -> int:
+    return show_status(load_config(args.config), out)
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:

@@ -1,10 +1,14 @@
-"""`edge-agent demo`: the example line's order run through the backflush rules.
+"""`edge-agent demo`: a scripted shift on the example line, end to end; ``--rules``: the rules.
 
-Until the OPC UA / MQTT runtime exists (issue 3) the demo drives the same pure rules the runtime
-will apply, on config/masterdata.json and config/lots.json: work order WO-7 for 250 tubes of
-FG-100, confirmed at the mixing (10) and filling (20) operations, with a weighed active
-ingredient, metered water, lots drawn FEFO, a substitution, a single-lot deviation, a correction,
-and the order-close variance.
+The default demo runs the real runtime (:mod:`simulators.shift`): the OPC UA line PLC simulator,
+the agent as a daemon process, an MQTT broker (embedded, or ``--broker HOST:PORT``) and the MES
+simulator, through two orders with a broker outage and an agent restart, and ends with the
+reconciliation of what the MES received against what the PLC counted.
+
+``--rules`` walks work order WO-7 through the pure backflush rules step by step instead, on
+config/masterdata.json and config/lots.json: confirmations at the mixing (10) and filling (20)
+operations, a weighed active ingredient, metered water, lots drawn FEFO, a substitution, a
+single-lot deviation, a correction, and the order-close variance.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Order:
         return b
 
 
-def run_demo(out: Console, config_dir: Path) -> None:
+def run_rules_demo(out: Console, config_dir: Path) -> None:
     masterdata, lots_file = config_dir / "masterdata.json", config_dir / "lots.json"
     master = load_master(masterdata)
     bom = explode(master, master.bom("FG-100", None, AS_OF), AS_OF)
@@ -74,8 +78,8 @@ def run_demo(out: Console, config_dir: Path) -> None:
         f"[bold]edge-agent demo[/bold] — work order {ORDER}: {ORDER_QUANTITY} {bom.uom} of "
         f"BOM {bom.ref}, as of {AS_OF:%Y-%m-%d %H:%M} UTC\n"
         f"  master data {masterdata}\n  staged lots {lots_file}\n"
-        "  [yellow]The OPC UA / MQTT runtime is not built yet (issue 3): this runs the pure "
-        "backflush rules the runtime will apply.[/yellow]\n"
+        "  These are the pure backflush rules the runtime applies (`edge-agent demo` without "
+        "--rules runs the runtime itself).\n"
     )
     steps = (
         ("10", ["100", "150:5"]),

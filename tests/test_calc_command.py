@@ -240,8 +240,8 @@ def test_unreadable_or_malformed_master_data_exits_2(
         assert expected in capsys.readouterr().err
 
 
-def test_demo_runs_the_example_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+def test_rules_demo_walks_the_example_order(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--rules"]) == 0
     out = capsys.readouterr().out
     for heading in (
         "Operation 10",

@@ -1,0 +1,182 @@
+"""The daemon: sources → engine → store (outbox) → uplink, wired in one place.
+
+Start-up opens the store (refusing one it cannot trust), loads the documents, rebuilds the engine
+from its committed state, then starts the uplink (outputs first) and the sources last. Shutdown
+runs in reverse: the sources stop, the engine commits what is queued, the uplink publishes the
+offline status and disconnects. Rows still in the outbox stay there for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from edge_agent.config import Config
+from edge_agent.documents import load_lots_file, load_master, load_orders_file, read_json
+from edge_agent.domain.lots import Lot
+from edge_agent.domain.masterdata import MasterData, load_master_data
+from edge_agent.domain.orders import WorkOrder, load_orders
+from edge_agent.engine import Engine
+from edge_agent.errors import ConfigError, EdgeAgentError, SignalError
+from edge_agent.sources import Source
+from edge_agent.sources.opcua import OpcUaSource
+from edge_agent.store import Store
+from edge_agent.uplink.mqtt import MqttUplink
+
+log = structlog.get_logger(__name__)
+
+ACK_WRITE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Documents:
+    master: MasterData
+    orders: Mapping[str, WorkOrder]
+    lots: tuple[Lot, ...]
+
+
+async def load_documents(config: Config, store: Store) -> Documents:
+    """The configured documents, cached in the store; the cache serves when none is configured.
+
+    A document that changed since the last start is recorded in the audit chain.
+    """
+    cached_master = await store.get_masterdata("document", "masterdata")
+    cached_orders = await store.get_masterdata("document", "orders")
+    m = config.masterdata
+    if m is None:
+        if cached_master is None:
+            raise ConfigError(["masterdata.path: required (the store holds no master data yet)"])
+        master = load_master_data(cached_master)
+        orders = load_orders(cached_orders or {}, master)
+        return Documents(master, orders, ())
+    master = load_master(m.path)
+    orders = load_orders_file(m.orders, master) if m.orders is not None else {}
+    lots = load_lots_file(m.lots, master) if m.lots is not None else ()
+    raw_master = read_json(m.path, "master data")
+    raw_orders = read_json(m.orders, "work orders") if m.orders is not None else {"orders": []}
+    assert isinstance(raw_master, dict)
+    assert isinstance(raw_orders, dict)
+    async with store.transaction() as tx:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        for key, raw, cached in (
+            ("masterdata", raw_master, cached_master),
+            ("orders", raw_orders, cached_orders),
+        ):
+            if raw != cached:
+                tx.put_masterdata("document", key, raw)
+                tx.audit(f"document:{key}", key, json.dumps(raw, sort_keys=True).encode(), now)
+                log.info("document_loaded", document=key, changed=cached is not None)
+    return Documents(master, orders, lots)
+
+
+class SourceWriter:
+    """Routes the engine's acknowledge writes to the source that owns the signal."""
+
+    def __init__(self, sources: Mapping[str, Source]) -> None:
+        self._sources = sources
+
+    async def write(self, source: str, signal: str, value: bool | int) -> None:
+        try:
+            async with asyncio.timeout(ACK_WRITE_TIMEOUT_S):
+                await self._sources[source].write(signal, value)
+        except TimeoutError:
+            raise SignalError(
+                f"{source}: writing {signal} timed out after {ACK_WRITE_TIMEOUT_S} s"
+            ) from None
+
+
+def opcua_sources(config: Config) -> list[Source]:
+    return [OpcUaSource(s) for s in config.sources]
+
+
+class Agent:
+    """One agent run. ``await agent.run(stop)`` until ``stop`` is set (SIGTERM, SIGINT)."""
+
+    def __init__(
+        self,
+        config: Config,
+        make_sources: Callable[[Config], Sequence[Source]] = opcua_sources,
+    ) -> None:
+        self.config = config
+        self._make_sources = make_sources
+        self.engine: Engine | None = None
+        self.uplink: MqttUplink | None = None
+        self.store: Store | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.config
+        Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
+        async with Store.open(Path(config.store.path), config.store.synchronous) as store:
+            self.store = store
+            docs = await load_documents(config, store)
+            engine = await Engine.load(config, store, docs.master, docs.orders, docs.lots)
+            self.engine = engine
+            log.info(
+                "agent_starting",
+                agent=config.agent.id,
+                store=str(config.store.path),
+                outbox=await store.outbox_depth(),
+                sequence=engine.sequence,
+            )
+            sources = {s.name: s for s in self._make_sources(config)}
+            async with MqttUplink(config, store) as uplink:
+                self.uplink = uplink
+                async with asyncio.TaskGroup() as tg:
+                    uplink_task = tg.create_task(uplink.run(), name="uplink")
+                    engine_task = tg.create_task(
+                        engine.run(store, SourceWriter(sources), uplink.notify), name="engine"
+                    )
+                    source_tasks = [
+                        tg.create_task(s.run(engine.submit), name=f"source[{name}]")
+                        for name, s in sources.items()
+                    ]
+                    log.info("agent_running", sources=list(sources))
+                    stopped = asyncio.create_task(stop.wait())
+                    await asyncio.wait(
+                        [stopped, engine_task, uplink_task, *source_tasks],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    stopped.cancel()
+                    log.info("agent_stopping")
+                    for task in source_tasks:
+                        task.cancel()
+                    await asyncio.gather(*source_tasks, return_exceptions=True)
+                    if not engine_task.done():
+                        engine.stop()
+                        await engine_task
+                    uplink_task.cancel()
+            log.info("agent_stopped", outbox=await store.outbox_depth())
+
+
+def serve(config: Config) -> int:
+    """``edge-agent run``: run until SIGTERM/SIGINT; the exit code says how it ended."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).run(stop)
+
+    try:
+        asyncio.run(main())
+    except BaseExceptionGroup as group:
+        # a task of the TaskGroup failed: the first of our own errors says why
+        cause = _first_leaf(group)
+        log.error("agent_failed", error=str(cause), error_type=type(cause).__name__)
+        if isinstance(cause, EdgeAgentError):
+            raise cause from None
+        raise
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -1,0 +1,92 @@
+"""``edge-agent status``: what the agent's store holds, for the person on the line.
+
+Read-only: the outbox (depth, oldest waiting message), the engine sequence, each work centre's
+order, handshake phase and last counter values, each order's confirmed quantities, and whether
+the audit chain is intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.config import Config
+from edge_agent.engine import OrderState, WorkCentreState
+from edge_agent.store import Store
+
+
+def show_status(config: Config, out: Console) -> int:
+    path = Path(config.store.path)
+    if not path.exists():
+        out.print(f"store {path} does not exist yet: the agent has not run", markup=False)
+        return 0
+    return asyncio.run(_show(path, out))
+
+
+async def _show(path: Path, out: Console) -> int:
+    async with Store.open(path) as store:
+        state = await store.all_state()
+        depth = await store.outbox_depth()
+        oldest = await store.oldest_pending()
+        audit = await store.verify_audit()
+    age = ""
+    if oldest is not None:
+        waited = datetime.now(UTC) - datetime.fromisoformat(oldest.created_at)
+        age = f", oldest waiting {waited.total_seconds():.0f} s ({oldest.topic})"
+    out.print(f"store {path}", markup=False)
+    out.print(
+        f"  engine sequence {state.get('engine', {}).get('sequence', 0)}; "
+        f"outbox {depth} message(s) waiting{age}",
+        markup=False,
+    )
+    out.print(
+        "  audit chain "
+        + (
+            f"intact ({audit.entries} entries)"
+            if audit.ok
+            else f"BROKEN at entry {audit.first_broken_seq}: {audit.reason}"
+        ),
+        markup=False,
+    )
+    wcs = Table(title="work centres", title_justify="left")
+    for col in ("work centre", "order", "handshake", "counters"):
+        wcs.add_column(col)
+    for key, value in state.items():
+        if key.startswith("wc/"):
+            wc = WorkCentreState.from_dict(value)
+            counters = ", ".join(f"{k}={c.raw}" for k, c in wc.counters.items())
+            wcs.add_row(key[3:], wc.order or "—", wc.handshake.value, counters or "—")
+    out.print(wcs)
+    orders = Table(title="orders", title_justify="left")
+    for col in ("order", "product", "rev", "operation", "good", "scrap", "pending"):
+        orders.add_column(col, justify="right" if col in ("good", "scrap", "pending") else "left")
+    for key, value in state.items():
+        if key.startswith("order/"):
+            o = OrderState.from_dict(value)
+            ops = o.consumption.operations or {}
+            if not ops:
+                orders.add_row(
+                    o.order,
+                    o.product or "unknown",
+                    o.revision or "—",
+                    "—",
+                    "",
+                    "",
+                    str(len(o.pending)),
+                )
+            for op, progress in ops.items():
+                orders.add_row(
+                    o.order,
+                    o.product or "unknown",
+                    o.revision or "—",
+                    op,
+                    str(progress.good),
+                    str(progress.scrap),
+                    str(len(o.pending)),
+                )
+    out.print(orders)
+    return 0 if audit.ok else 1

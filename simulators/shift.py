@@ -1,0 +1,476 @@
+"""A scripted shift on the example line: PLC simulator → agent → broker → MES simulator.
+
+Runs the real pieces: the OPC UA line PLC (in this process), the MES simulator (a paho client
+with its SQLite ledger), an MQTT broker (the embedded one in a subprocess, or one given) and the
+agent itself as a subprocess (``python -m edge_agent run``), so a restart of the agent is a real
+process restart. In the middle of the shift the broker goes down for a while, and later the agent
+is stopped while the PLC keeps counting and raises an operation-complete request no one answers.
+
+At the end, the **expected** consumption is computed from what the PLC counted (its own tallies,
+through the pure backflush rules, with no knowledge of the agent) and compared with what the MES
+ledger **received** (deduplicated by message id): per order and material, exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+import tomli_w
+
+from edge_agent.config import Config, parse_config
+from edge_agent.documents import load_master, load_orders_file
+from edge_agent.domain.backflush import ConsumptionState, ScaleReading, confirm, meter, weigh
+from edge_agent.domain.explosion import explode
+from edge_agent.domain.masterdata import MasterData, PostingMethod
+from edge_agent.domain.orders import WorkOrder
+from edge_agent.domain.quantities import round_to_increment
+from edge_agent.store import Store
+from simulators.broker import EmbeddedBroker, free_port
+from simulators.mes import MesSimulator
+from simulators.opcua_plc import LinePlc, Tally
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+MIX, FILL = "MIX-1", "FILL-1"
+
+
+@dataclass(frozen=True)
+class ShiftPlan:
+    """What the line makes: ``orders`` (id, units) in turn, ``batch`` units per step."""
+
+    orders: tuple[tuple[str, int], ...] = (("WO-7", 250), ("WO-8", 150))
+    batch: int = 10
+    scrap_every: int = 7  # every n-th batch has one scrap unit at each work centre
+    flow_per_unit: int = 31  # totalizer counts (0.01 L) per unit mixed
+    outage_at: float = 0.3  # fraction of the shift when the broker goes down
+    outage_batches: int = 5  # batches made while it is down
+    restart_at: float = 0.65  # fraction of the shift when the agent is stopped
+    restart_batches: int = 3  # mixing batches counted while the agent is down
+    pace_s: float = 0.02  # pause between batches
+
+    @property
+    def units(self) -> int:
+        return sum(n for _, n in self.orders)
+
+
+@dataclass
+class Line:
+    """Expected vs received for one (order, material)."""
+
+    order: str
+    material: str
+    uom: str
+    expected: Decimal
+    received: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        return self.received - self.expected
+
+
+@dataclass
+class Reconciliation:
+    lines: list[Line]
+    messages: int
+    duplicate_deliveries: int
+    rejected: int
+    exceptions: dict[str, int]
+    outbox_left: int | None
+    audit_ok: bool | None
+
+    @property
+    def lost(self) -> int:
+        return sum(1 for x in self.lines if x.difference < 0)
+
+    @property
+    def doubled(self) -> int:
+        return sum(1 for x in self.lines if x.difference > 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.doubled == 0 and self.rejected == 0 and bool(self.lines)
+
+
+Progress = Callable[[int, str], None]  # (units made so far, what is happening)
+
+
+class BrokerControl(Protocol):
+    """A broker the shift may stop and start (the embedded one, or a test's mosquitto)."""
+
+    host: str
+    port: int
+
+    def start(self, timeout: float = 10.0) -> None: ...
+    def stop(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+
+
+def agent_config(
+    workdir: Path, plc_port: int, broker: tuple[str, int], protocol: str, delivery: str
+) -> tuple[Config, Path]:
+    """The example line's configuration, pointed at this shift's PLC, broker and files."""
+    data: dict[str, Any] = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
+    data["store"]["path"] = str(workdir / "agent.db")
+    data["mqtt"].update(
+        host=broker[0],
+        port=broker[1],
+        protocol=protocol,
+        delivery=delivery,
+        mes_ack_timeout_s=2.0,
+        reconnect_min_ms=200,
+        reconnect_max_ms=1000,
+    )
+    data["masterdata"] = {
+        "path": str(CONFIG_DIR / "masterdata.json"),
+        "orders": str(CONFIG_DIR / "orders.json"),
+        "lots": str(CONFIG_DIR / "lots.json"),
+    }
+    for source in data["sources"]:
+        source["endpoint"] = f"opc.tcp://127.0.0.1:{plc_port}/edge-agent/sim/"
+        source.update(reconnect_min_ms=200, reconnect_max_ms=1000)
+    path = workdir / "line.toml"
+    path.write_text(tomli_w.dumps(data))
+    return parse_config(data), path
+
+
+class AgentProcess:
+    """``python -m edge_agent run CONFIG`` as a child process, its logs in a file."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._mark = 0  # where this start's log begins
+
+    def start(self) -> None:
+        assert self.process is None
+        self._mark = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "edge_agent", "run", str(self.config_path)),
+                *("--log-format", "json"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        log.close()
+        self.starts += 1
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Stop it (SIGTERM: the clean shutdown) and return its exit code."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def wait_connected(self, sources: int, timeout: float = 30.0) -> None:
+        """Until this start of the agent has connected every source (read from its JSON log):
+        a weighing made before the agent first reads the scale is not one it can take."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self.check()
+                with self.log_path.open("rb") as f:
+                    f.seek(self._mark)
+                    seen = f.read().count(b'"event": "opcua_connected"')
+                if seen >= sources:
+                    return
+                await asyncio.sleep(0.05)
+
+    def check(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"the agent exited with code {self.process.returncode}; see {self.log_path}"
+            )
+
+
+async def run_shift(
+    workdir: Path,
+    plan: ShiftPlan = ShiftPlan(),
+    broker: BrokerControl | tuple[str, int] | None = None,
+    progress: Progress = lambda units, what: None,
+    settle_timeout: float = 60.0,
+    protocol: str | None = None,
+    delivery: str = "mes-ack",
+) -> Reconciliation:
+    """Run the shift; returns the reconciliation (``ok`` when nothing was lost or doubled).
+
+    ``broker``: None starts the embedded broker (MQTT 3.1.1); a ``BrokerControl`` is used and
+    stopped for the outage; a (host, port) is used as it is, with no outage. ``delivery`` is the
+    agent's ``mqtt.delivery``: "mes-ack" (the MES acknowledges ids) or "broker".
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    embedded: EmbeddedBroker | None = None
+    control: BrokerControl | None = None
+    if broker is None:
+        embedded = EmbeddedBroker(host="127.0.0.1", port=free_port(), workdir=workdir / "broker")
+        embedded.start()
+        control, address = embedded, (embedded.host, embedded.port)
+        protocol = "3.1.1"  # the embedded broker speaks only 3.1.1
+    elif isinstance(broker, tuple):
+        address = broker
+    else:
+        control, address = broker, (broker.host, broker.port)
+    config, config_path = agent_config(workdir, free_port(), address, protocol or "5", delivery)
+    assert config.sources[0].endpoint
+    plc_port = int(config.sources[0].endpoint.rsplit(":", 1)[1].split("/")[0])
+    agent = AgentProcess(config_path, workdir / "agent.log")
+    mes = MesSimulator.for_agent(
+        config, workdir / "mes-ledger.db", client_id="mes-sim", mes_ack=True
+    )
+    try:
+        async with LinePlc(config, port=plc_port) as plc:
+            await asyncio.to_thread(mes.start, 20.0)
+            agent.start()
+            progress(0, "starting the agent")
+            await agent.wait_connected(len(config.sources))
+            await _produce(plc, agent, control, plan, _planned(config), progress)
+            progress(plan.units, "waiting for the MES")
+            expected = expected_consumption(plc.totals, config)
+            await _settle(mes, expected, agent, settle_timeout)
+            progress(plan.units, "stopping the agent")
+            code = agent.stop()
+            if code != 0:
+                raise RuntimeError(f"the agent exited with code {code}; see {agent.log_path}")
+        outbox_left, audit_ok = await _store_check(Path(config.store.path))
+        return _reconcile(expected, mes, outbox_left, audit_ok)
+    finally:
+        agent.stop(signal.SIGKILL)
+        mes.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _planned(config: Config) -> dict[str, Decimal]:
+    assert config.masterdata is not None
+    assert config.masterdata.orders is not None
+    master = load_master(config.masterdata.path)
+    orders = load_orders_file(config.masterdata.orders, master)
+    return {o: wo.quantity for o, wo in orders.items()}
+
+
+async def _produce(
+    plc: LinePlc,
+    agent: AgentProcess,
+    broker: BrokerControl | None,
+    plan: ShiftPlan,
+    planned: dict[str, Decimal],
+    progress: Progress,
+) -> None:
+    made = 0
+    outage_at, restart_at = plan.units * plan.outage_at, plan.units * plan.restart_at
+    outage_left: int | None = None
+    restarted = False
+    for order, units in plan.orders:
+        await plc.set_order(MIX, order)
+        await plc.set_order(FILL, order)
+        progress(made, f"order {order}: weighing")
+        await _weigh(plc, planned[order])
+        batches = [
+            (plan.batch if n + plan.batch <= units else units - n)
+            for n in range(0, units, plan.batch)
+        ]
+        for i, batch in enumerate(batches):
+            agent.check()
+            scrap = 1 if plan.scrap_every and (i + 1) % plan.scrap_every == 0 else 0
+            if broker is not None and outage_left is None and made >= outage_at:
+                progress(made, "broker down: postings wait in the outbox")
+                await asyncio.to_thread(broker.stop)
+                outage_left = plan.outage_batches
+            if not restarted and made >= restart_at:
+                restarted = True
+                await _agent_restart(plc, agent, plan, order, made, progress)
+            await plc.produce(MIX, good=batch - scrap, scrap=scrap)
+            await plc.flow(MIX, plan.flow_per_unit * batch)
+            await plc.complete(FILL, batch - scrap, scrap, timeout=60.0)
+            made += batch
+            progress(made, f"order {order}")
+            if outage_left is not None and broker is not None and not broker.running:
+                outage_left -= 1
+                if outage_left <= 0:
+                    progress(made, "broker back: the outbox drains")
+                    await asyncio.to_thread(broker.start)
+            await asyncio.sleep(plan.pace_s)
+
+
+async def _weigh(plc: LinePlc, planned: Decimal) -> None:
+    """Weigh what the order's planned quantity needs (the agent checks the tolerance)."""
+    # 0.5 kg per 100 tubes (config/masterdata.json, RM-ACTIVE) in a 0.5 kg tare bucket
+    net = planned * Decimal("0.005")
+    await plc.weigh(MIX, net + Decimal("0.5"), Decimal("0.5"))
+
+
+async def _agent_restart(
+    plc: LinePlc, agent: AgentProcess, plan: ShiftPlan, order: str, made: int, progress: Progress
+) -> None:
+    """Stop the agent; the PLC keeps counting and raises a request no one acknowledges."""
+    progress(made, "agent stopped: the PLC keeps counting")
+    code = await asyncio.to_thread(agent.stop)
+    if code != 0:
+        raise RuntimeError(f"the agent exited with code {code} on SIGTERM; see {agent.log_path}")
+    pending = asyncio.create_task(plc.complete(FILL, plan.batch, 0, timeout=60.0))
+    for _ in range(plan.restart_batches):
+        await plc.produce(MIX, good=plan.batch)
+        await plc.flow(MIX, plan.flow_per_unit * plan.batch)
+        await asyncio.sleep(plan.pace_s)
+    progress(made, "agent restarted: reads counters, open request")
+    agent.start()
+    await agent.wait_connected(len(plc.config.sources))
+    await pending
+
+
+async def _settle(
+    mes: MesSimulator,
+    expected: dict[tuple[str, str, str], Decimal],
+    agent: AgentProcess,
+    timeout: float,
+) -> bool:
+    """Wait until the ledger holds what is expected; False if it does not within ``timeout``
+    (the reconciliation then shows the difference)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                agent.check()
+                received = await asyncio.to_thread(mes.consumption)
+                if all(received.get(k, Decimal(0)) == v for k, v in expected.items()):
+                    return True
+                await asyncio.sleep(0.2)
+    return False
+
+
+def expected_consumption(
+    totals: dict[tuple[str, str], Tally], config: Config
+) -> dict[tuple[str, str, str], Decimal]:
+    """What the PLC's counts mean, by the pure rules alone: (order, material, uom) → quantity."""
+    assert config.masterdata is not None
+    assert config.masterdata.orders is not None
+    master = load_master(config.masterdata.path)
+    orders = load_orders_file(config.masterdata.orders, master)
+    sources = {s.work_centre: s for s in config.sources}
+    out: dict[tuple[str, str, str], Decimal] = {}
+    for order in sorted({o for o, _ in totals}):
+        if order not in orders:
+            continue
+        for (material, uom), q in _order_consumption(
+            master, orders[order], totals, order, sources
+        ).items():
+            out[(order, material, uom)] = q
+    return out
+
+
+def _order_consumption(
+    master: MasterData,
+    wo: WorkOrder,
+    totals: dict[tuple[str, str], Tally],
+    order: str,
+    sources: dict[str, Any],
+) -> dict[tuple[str, str], Decimal]:
+    now = datetime.now(UTC)
+    bom = explode(master, master.bom(wo.product, wo.revision, now), now)
+    state = ConsumptionState()
+    out: dict[tuple[str, str], Decimal] = {}
+
+    def add(material: str, uom: str, quantity: Decimal) -> None:
+        out[(material, uom)] = out.get((material, uom), Decimal(0)) + quantity
+
+    for wc, source in sources.items():
+        tally = totals.get((order, wc))
+        if tally is None:
+            continue
+        good = Decimal(tally.good + tally.confirmed_good)
+        scrap = Decimal(tally.scrap + tally.confirmed_scrap)
+        if good or scrap or tally.handshakes:
+            result = confirm(master, bom, state, source.operation, good, scrap)
+            state = result.state
+            for p in result.postings:
+                add(p.material, p.uom, p.quantity)
+        flow = source.signals.flow
+        if flow is not None and tally.flow:
+            component = bom.component(source.operation, flow.material, PostingMethod.METER)
+            assert component is not None
+            state, p = meter(master, state, component, Decimal(tally.flow) * flow.scale, flow.uom)
+            add(p.material, p.uom, p.quantity)
+        scale = source.signals.scale
+        if scale is not None:
+            component = bom.component(source.operation, scale.material, PostingMethod.WEIGH)
+            assert component is not None
+            material = master.materials[component.material]
+            for gross, tare in tally.weighings:
+                measured = state.component(component.key).measured
+                remaining = component.rate * Fraction(wo.quantity) + component.setup - measured
+                target = round_to_increment(
+                    max(remaining, Fraction(0)), material.increment, material.rounding
+                )
+                reading = ScaleReading(gross, tare, scale.uom, True)
+                outcome = weigh(master, state, component, reading, target)
+                if outcome.posting is not None:
+                    state = outcome.state
+                    add(outcome.posting.material, outcome.posting.uom, outcome.posting.quantity)
+    return {k: v for k, v in out.items() if v}
+
+
+async def _store_check(path: Path) -> tuple[int, bool]:
+    async with Store.open(path) as store:
+        return await store.outbox_depth(), (await store.verify_audit()).ok
+
+
+def _reconcile(
+    expected: dict[tuple[str, str, str], Decimal],
+    mes: MesSimulator,
+    outbox_left: int | None,
+    audit_ok: bool | None,
+) -> Reconciliation:
+    received = mes.consumption()
+    keys = sorted(set(expected) | set(received))
+    lines = [
+        Line(o, m, u, expected.get((o, m, u), Decimal(0)), received.get((o, m, u), Decimal(0)))
+        for o, m, u in keys
+    ]
+    counts = mes.counts()
+    return Reconciliation(
+        lines,
+        counts.received,
+        counts.duplicates,
+        counts.rejected,
+        mes.exceptions(),
+        outbox_left,
+        audit_ok,
+    )
+
+
+__all__ = [
+    "AgentProcess",
+    "Reconciliation",
+    "ShiftPlan",
+    "agent_config",
+    "expected_consumption",
+    "run_shift",
+]

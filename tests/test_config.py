@@ -69,57 +69,59 @@ def _delete(path: str) -> Callable[[dict[str, Any]], None]:
     return change
 
 
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        (_set("agent.id", "line/1"), "agent.id: must be letters, digits"),
-        (_delete("agent"), "agent: required"),
-        (_set("place.work_centres", []), "place.work_centres: Tuple should have at least 1"),
-        (_set("place.work_centres", ["A", "A"]), "place: work centre listed twice: A"),
-        (_set("place.site", "plant #1"), "place.site: must be letters"),
-        (_delete("store.path"), "store.path: required"),
-        (_set("store.synchronous", "OFF"), "store.synchronous: Input should be 'FULL' or 'NORMAL'"),
-        (_set("mqtt.port", 70000), "mqtt.port: Input should be less than or equal to 65535"),
-        (_set("mqtt.protocol", "4"), "mqtt.protocol: Input should be '5' or '3.1.1'"),
-        (_set("mqtt.qos", 0), "mqtt.qos: Input should be 1"),
-        (_set("mqtt.topic_root", "acme//x"), "mqtt.topic_root: must be one or more topic levels"),
-        (_set("mqtt.topic_root", "acme/#"), "mqtt.topic_root: must be letters"),
-        (_set("mqtt.reconnect_min_ms", 99999), "mqtt: reconnect_max_ms must not be less"),
-        (_set("mqtt.keepalive", 30), "mqtt.keepalive: unknown key (misspelt?)"),
-        (_delete("masterdata.path"), "masterdata.path: required"),
-        (_set("sources", []), "sources: Tuple should have at least 1 item"),
-        (
-            _set("sources.1.signals.good", {"node": "FILL-1.Good"}),
-            "sources[1].signals.good.node: must be an OPC UA NodeId",
-        ),
-        (_set("sources.0.signals.good.width", 24), "sources[0].signals.good.width: Input should"),
-        (
-            _set("sources.0.signals.good.scale", 0.5),
-            "sources[0].signals.good.scale: must be a decimal",
-        ),
-        (
-            _set("sources.0.signals.scrap.node", "ns=2;s=MIX-1.Good"),
-            "sources[0].signals: scrap and good read the same node",
-        ),
-        (
-            _delete("sources.1.signals.complete_ack"),
-            "sources[1].signals: complete_request and complete_ack go together",
-        ),
-        (_set("sources.0.signals.flow.uom", "litre"), "sources[0].signals.flow.uom: unknown unit"),
-        (_set("sources.0.signals.scal", {}), "sources[0].signals.scal: unknown key (misspelt?)"),
-        (
-            _set("sources.0.subscription.queue_size", 1),
-            "sources[0].subscription.queue_size: Input should be greater than or equal to 2",
-        ),
-        (_set("sources.0.endpoint", "http://plc:4840"), "sources[0].endpoint: String should match"),
-        (
-            _set("sources.1.work_centre", "PACK-9"),
-            "sources[1].work_centre: 'PACK-9' is not a work centre of line 'line-1'",
-        ),
-        (_set("sources.1.name", "mix-plc"), "sources[1].name: source 'mix-plc' is defined twice"),
-        (_set("sources.0.kind", "modbus"), "sources[0].kind: Input should be 'opcua'"),
-    ],
-)
+#: one error in each section and most rules; reused by the `run` tests (tests/test_daemon.py)
+SECTION_ERRORS = [
+    (_set("agent.id", "line/1"), "agent.id: must be letters, digits"),
+    (_delete("agent"), "agent: required"),
+    (_set("place.work_centres", []), "place.work_centres: Tuple should have at least 1"),
+    (_set("place.work_centres", ["A", "A"]), "place: work centre listed twice: A"),
+    (_set("place.site", "plant #1"), "place.site: must be letters"),
+    (_delete("store.path"), "store.path: required"),
+    (_set("store.synchronous", "OFF"), "store.synchronous: Input should be 'FULL' or 'NORMAL'"),
+    (_set("mqtt.port", 70000), "mqtt.port: Input should be less than or equal to 65535"),
+    (_set("mqtt.protocol", "4"), "mqtt.protocol: Input should be '5' or '3.1.1'"),
+    (_set("mqtt.qos", 0), "mqtt.qos: Input should be 1"),
+    (_set("mqtt.topic_root", "acme//x"), "mqtt.topic_root: must be one or more topic levels"),
+    (_set("mqtt.topic_root", "acme/#"), "mqtt.topic_root: must be letters"),
+    (_set("mqtt.reconnect_min_ms", 99999), "mqtt: reconnect_max_ms must not be less"),
+    (_set("mqtt.keepalive", 30), "mqtt.keepalive: unknown key (misspelt?)"),
+    (_delete("masterdata.path"), "masterdata.path: required"),
+    (_set("sources", []), "sources: Tuple should have at least 1 item"),
+    (
+        _set("sources.1.signals.good", {"node": "FILL-1.Good"}),
+        "sources[1].signals.good.node: must be an OPC UA NodeId",
+    ),
+    (_set("sources.0.signals.good.width", 24), "sources[0].signals.good.width: Input should"),
+    (
+        _set("sources.0.signals.good.scale", 0.5),
+        "sources[0].signals.good.scale: must be a decimal",
+    ),
+    (
+        _set("sources.0.signals.scrap.node", "ns=2;s=MIX-1.Good"),
+        "sources[0].signals: scrap and good read the same node",
+    ),
+    (
+        _delete("sources.1.signals.complete_ack"),
+        "sources[1].signals: complete_request and complete_ack go together",
+    ),
+    (_set("sources.0.signals.flow.uom", "litre"), "sources[0].signals.flow.uom: unknown unit"),
+    (_set("sources.0.signals.scal", {}), "sources[0].signals.scal: unknown key (misspelt?)"),
+    (
+        _set("sources.0.subscription.queue_size", 1),
+        "sources[0].subscription.queue_size: Input should be greater than or equal to 2",
+    ),
+    (_set("sources.0.endpoint", "http://plc:4840"), "sources[0].endpoint: String should match"),
+    (
+        _set("sources.1.work_centre", "PACK-9"),
+        "sources[1].work_centre: 'PACK-9' is not a work centre of line 'line-1'",
+    ),
+    (_set("sources.1.name", "mix-plc"), "sources[1].name: source 'mix-plc' is defined twice"),
+    (_set("sources.0.kind", "modbus"), "sources[0].kind: Input should be 'opcua'"),
+    (_set("mqtt.delivery", "exactly-once"), "mqtt.delivery: Input should be 'broker'"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), SECTION_ERRORS)
 def test_an_error_in_any_section_is_named_by_its_path(
     change: Callable[[dict[str, Any]], None], expected: str
 ) -> None:

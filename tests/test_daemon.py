@@ -1,0 +1,98 @@
+"""`edge-agent run` refuses to start on what it cannot trust, with the same messages as
+`validate` and the documented exit codes (2: configuration or documents, 3: the store)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from edge_agent.cli import main
+from tests.test_config import SECTION_ERRORS, example
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "line.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def runnable(tmp_path: Path) -> dict[str, Any]:
+    """The example with its files made absolute and its store in ``tmp_path``."""
+    data = copy.deepcopy(example())
+    data["store"]["path"] = str(tmp_path / "agent.db")
+    for key in ("path", "orders", "lots"):
+        data["masterdata"][key] = str(CONFIG_DIR / data["masterdata"][key])
+    return data
+
+
+@pytest.mark.parametrize(("change", "expected"), SECTION_ERRORS)
+def test_run_refuses_an_invalid_configuration_like_validate(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: Callable[[dict[str, Any]], None],
+    expected: str,
+) -> None:
+    data = runnable(tmp_path)
+    change(data)
+    path = write_config(tmp_path, data)
+    assert main(["validate", str(path)]) == 2
+    validated = capsys.readouterr().err
+    assert main(["run", str(path)]) == 2
+    refused = capsys.readouterr().err
+    assert refused == validated
+    assert f"edge-agent: {path}: {expected}" in refused
+    assert not (tmp_path / "agent.db").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("document", "content", "expected"),
+    [
+        ("path", {"materials": [], "boms": [{"product": "X"}]}, "boms[0]"),
+        (
+            "orders",
+            {"orders": [{"order": "WO-1", "product": "NOPE", "quantity": "5"}]},
+            "orders[0] (WO-1) › product: no BOM for product 'NOPE'",
+        ),
+        (
+            "lots",
+            {"lots": [{"lot": "L1", "material": "RM-BASE", "quantity": 1.5, "staged_at": "2026"}]},
+            "quantity",
+        ),
+    ],
+)
+def test_run_refuses_invalid_documents_naming_the_file_and_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    document: str,
+    content: dict[str, Any],
+    expected: str,
+) -> None:
+    bad = tmp_path / f"{document}.json"
+    bad.write_text(json.dumps(content))
+    data = runnable(tmp_path)
+    data["masterdata"][document] = str(bad)
+    assert main(["run", str(write_config(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert expected in err
+
+
+def test_run_refuses_a_store_it_cannot_trust_and_leaves_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "agent.db"
+    store.write_bytes(b"this is a text file, not the agent's store\n")
+    before = store.read_bytes()
+    assert main(["run", str(write_config(tmp_path, runnable(tmp_path)))]) == 3
+    err = capsys.readouterr().err
+    assert str(store) in err
+    assert "not an SQLite database" in err
+    assert store.read_bytes() == before

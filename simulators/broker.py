@@ -20,6 +20,9 @@ What to know about it (amqtt 0.12, measured; tests/test_embedded_broker.py keeps
   ``--session CLIENT_ID=FILTER`` (:class:`DurableSessions`) creates a client's session and its
   QoS 1 subscription at every start, before the listener opens, so messages published right after
   a restart are queued for that client (the MES simulator) even before it has reconnected.
+- **So its PUBACK is not delivery.** What it acknowledged to the agent but had not yet delivered
+  dies with it: across a restart, only the agent's ``delivery = "mes-ack"`` (the MES simulator's
+  ``mes_ack``) loses nothing (see :func:`serve` for the numbers).
 """
 
 from __future__ import annotations
@@ -48,8 +51,6 @@ from amqtt.broker import Broker, BrokerContext  # type: ignore[import-untyped]
 from amqtt.mqtt.protocol.handler import ProtocolHandler  # type: ignore[import-untyped]
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin  # type: ignore[import-untyped]
 from amqtt.session import OUTGOING  # type: ignore[import-untyped]
-
-log = logging.getLogger(__name__)
 
 #: the one MQTT protocol version amqtt speaks
 PROTOCOLS: tuple[str, ...] = ("3.1.1",)
@@ -202,10 +203,11 @@ async def serve(
     the other end, so a parent that dies without stopping it (kill -9) takes the broker along.
 
     The stop is deliberately abrupt, as a crash: amqtt keeps nothing to save, and its own
-    shutdown (0.12) first drops every session, then keeps accepting and acknowledging publishes
-    for up to 5 s while its delivery tasks wind down: they reach no one (measured: about 900 of
-    2,000 messages published through a restart lost, against only those in flight at the instant
-    of an abrupt stop).
+    shutdown (0.12) first drops every session, then goes on accepting and acknowledging publishes
+    for up to 5 s while its delivery tasks wind down, publishes that reach no one. Measured with
+    the agent's uplink publishing 2,000 messages through a restart in ``delivery = "broker"``
+    mode: about 900 lost with amqtt's shutdown, 350 to 450 with this one (what the broker had
+    acknowledged but not yet delivered), none in ``mes-ack`` mode either way.
     """
     keep_unacknowledged_deliveries()
     stop = asyncio.Event()

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.support.broker import Broker
+from tests.support.broker import Broker, require_protocol
 
 
 def _client(b: Broker, client_id: str) -> mqtt.Client:
@@ -19,6 +19,7 @@ def _client(b: Broker, client_id: str) -> mqtt.Client:
 
 
 def test_round_trip_and_restart_on_the_same_port(broker: Broker) -> None:
+    require_protocol(broker, "5")
     received: queue.Queue[bytes] = queue.Queue()
     sub = _client(broker, "fixture-sub")
     sub.on_message = lambda _c, _u, msg: received.put(msg.payload)

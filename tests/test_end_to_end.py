@@ -14,7 +14,7 @@ import pytest
 
 from simulators.mes import Ledger
 from simulators.shift import Reconciliation, ShiftPlan, run_shift
-from tests.support.broker import Broker
+from tests.support.broker import Broker, require_protocol
 
 PLAN = ShiftPlan(
     orders=(("WO-7", 150), ("WO-8", 100)),
@@ -60,8 +60,7 @@ def check(workdir: Path, result: Reconciliation) -> None:
 async def test_shift_on_mosquitto_with_a_persistent_mes_session(
     broker: Broker, tmp_path: Path
 ) -> None:
-    if "5" not in getattr(broker, "protocols", ("5",)):
-        pytest.skip("mosquitto is not installed: the embedded broker case covers 3.1.1")
+    require_protocol(broker, "5")  # without mosquitto, the embedded-broker case covers 3.1.1
     result = await run_shift(tmp_path, PLAN, broker, protocol="5", delivery="broker")
     check(tmp_path, result)
 

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.config import Config, parse_config
 from edge_agent.store import Store
 from edge_agent.uplink.mqtt import MqttUplink, close_sockets
-from tests.support.broker import Broker
+from tests.support.broker import Broker, has_mosquitto, require_protocol
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "line.toml"
 BASE = "acme/hamburg/creams/line-1/line1-edge"
@@ -72,6 +72,15 @@ class Subscriber:
         self.client.disconnect()
         self.client.loop_stop()
         close_sockets(self.client)
+
+
+@pytest.fixture(autouse=True)
+def _mqtt5(request: pytest.FixtureRequest) -> None:
+    """These tests speak MQTT 5 (reason codes, session expiry): not on the embedded broker."""
+    if "broker" in request.fixturenames:
+        require_protocol(request.getfixturevalue("broker"), "5")
+    if "acl_broker" in request.fixturenames and not has_mosquitto():
+        pytest.skip("the ACL test needs mosquitto")
 
 
 @pytest.fixture

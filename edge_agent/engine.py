@@ -691,15 +691,7 @@ class Engine:
         try:
             result = confirm(self.master, bom, state.consumption, operation, good, scrap)
         except ConsumptionError as exc:
-            self._exception(
-                work_centre,
-                ExceptionCode.POSTING_REJECTED,
-                Severity.ERROR,
-                str(exc),
-                state.order,
-                operation,
-                trigger=trigger,
-            )
+            self._rejected(work_centre, state, operation, exc, trigger)
             return
         state.consumption = result.state
         self._dirty.add(f"order/{state.order}")
@@ -774,16 +766,7 @@ class Engine:
                 self.master, state.consumption, component, amount, uom
             )
         except EdgeAgentError as exc:
-            self._exception(
-                work_centre,
-                ExceptionCode.POSTING_REJECTED,
-                Severity.ERROR,
-                str(exc),
-                state.order,
-                operation,
-                material=material,
-                trigger=trigger,
-            )
+            self._rejected(work_centre, state, operation, exc, trigger, material)
             return
         self._dirty.add(f"order/{state.order}")
         self._post(work_centre, state, posting, trigger, now)
@@ -943,6 +926,27 @@ class Engine:
             self.lots = binding.lots
             self._dirty.add("lots")
         return binding
+
+    def _rejected(
+        self,
+        work_centre: str,
+        state: OrderState,
+        operation: str,
+        exc: EdgeAgentError,
+        trigger: Trigger,
+        material: str | None = None,
+    ) -> None:
+        """The rules refused a posting (e.g. a correction below zero): nothing changed."""
+        self._exception(
+            work_centre,
+            ExceptionCode.POSTING_REJECTED,
+            Severity.ERROR,
+            str(exc),
+            state.order,
+            operation,
+            material=material,
+            trigger=trigger,
+        )
 
     def _no_line(
         self,

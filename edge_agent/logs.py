@@ -18,12 +18,14 @@ Format = Literal["auto", "json", "console"]
 def configure_logging(
     level: str = "info", fmt: Format = "auto", stream: TextIO | None = None
 ) -> None:
-    stream = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    """Configure structlog; ``stream`` None means standard error as it is when a line is
+    written (not the object of the moment: a caller may replace ``sys.stderr``)."""
+    shown = stream or sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not shown.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else structlog.dev.ConsoleRenderer(colors=shown.isatty())
     )
     structlog.configure(
         processors=[
@@ -36,6 +38,10 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=(
+            structlog.PrintLoggerFactory(stream)
+            if stream is not None
+            else lambda *_: structlog.PrintLogger(sys.stderr)
+        ),
         cache_logger_on_first_use=False,
     )

@@ -56,7 +56,12 @@ def run_shift_demo(
         ) as progress:
             task = progress.add_task("shift", total=plan.units, phase="starting")
 
-            def report(units: int, what: str) -> None:
+            def report(units: int, what: str, milestone: bool) -> None:
+                if milestone:
+                    progress.console.print(
+                        f"  {time.monotonic() - started:5.1f} s  {units:>4} units  {what}",
+                        markup=False,
+                    )
                 progress.update(task, completed=units, phase=what)
 
             result = asyncio.run(run_shift(work, plan, broker, report))

@@ -104,7 +104,8 @@ class Reconciliation:
         return self.lost == 0 and self.doubled == 0 and self.rejected == 0 and bool(self.lines)
 
 
-Progress = Callable[[int, str], None]  # (units made so far, what is happening)
+#: (units made so far, what is happening, whether it is a milestone worth keeping on screen)
+Progress = Callable[[int, str, bool], None]
 
 
 class BrokerControl(Protocol):
@@ -216,7 +217,7 @@ async def run_shift(
     workdir: Path,
     plan: ShiftPlan = ShiftPlan(),
     broker: BrokerControl | tuple[str, int] | None = None,
-    progress: Progress = lambda units, what: None,
+    progress: Progress = lambda units, what, milestone: None,
     settle_timeout: float = 60.0,
     protocol: str | None = None,
     delivery: str = "mes-ack",
@@ -250,13 +251,13 @@ async def run_shift(
         async with LinePlc(config, port=plc_port) as plc:
             await asyncio.to_thread(mes.start, 20.0)
             agent.start()
-            progress(0, "starting the agent")
+            progress(0, "agent started", True)
             await agent.wait_connected(len(config.sources))
             await _produce(plc, agent, control, plan, _planned(config), progress)
-            progress(plan.units, "waiting for the MES")
+            progress(plan.units, "shift done: waiting for the MES to have everything", True)
             expected = expected_consumption(plc.totals, config)
             await _settle(mes, expected, agent, settle_timeout)
-            progress(plan.units, "stopping the agent")
+            progress(plan.units, "stopping the agent", False)
             code = agent.stop()
             if code != 0:
                 raise RuntimeError(f"the agent exited with code {code}; see {agent.log_path}")
@@ -292,7 +293,7 @@ async def _produce(
     for order, units in plan.orders:
         await plc.set_order(MIX, order)
         await plc.set_order(FILL, order)
-        progress(made, f"order {order}: weighing")
+        progress(made, f"order {order}: order set, active ingredient weighed", True)
         await _weigh(plc, planned[order])
         batches = [
             (plan.batch if n + plan.batch <= units else units - n)
@@ -302,7 +303,7 @@ async def _produce(
             agent.check()
             scrap = 1 if plan.scrap_every and (i + 1) % plan.scrap_every == 0 else 0
             if broker is not None and outage_left is None and made >= outage_at:
-                progress(made, "broker down: postings wait in the outbox")
+                progress(made, "broker down: postings wait in the outbox", True)
                 await asyncio.to_thread(broker.stop)
                 outage_left = plan.outage_batches
             if not restarted and made >= restart_at:
@@ -312,11 +313,11 @@ async def _produce(
             await plc.flow(MIX, plan.flow_per_unit * batch)
             await plc.complete(FILL, batch - scrap, scrap, timeout=60.0)
             made += batch
-            progress(made, f"order {order}")
+            progress(made, f"order {order}", False)
             if outage_left is not None and broker is not None and not broker.running:
                 outage_left -= 1
                 if outage_left <= 0:
-                    progress(made, "broker back: the outbox drains")
+                    progress(made, "broker back: the outbox drains", True)
                     await asyncio.to_thread(broker.start)
             await asyncio.sleep(plan.pace_s)
 
@@ -332,7 +333,7 @@ async def _agent_restart(
     plc: LinePlc, agent: AgentProcess, plan: ShiftPlan, order: str, made: int, progress: Progress
 ) -> None:
     """Stop the agent; the PLC keeps counting and raises a request no one acknowledges."""
-    progress(made, "agent stopped: the PLC keeps counting")
+    progress(made, "agent stopped: the PLC keeps counting", True)
     code = await asyncio.to_thread(agent.stop)
     if code != 0:
         raise RuntimeError(f"the agent exited with code {code} on SIGTERM; see {agent.log_path}")
@@ -341,7 +342,7 @@ async def _agent_restart(
         await plc.produce(MIX, good=plan.batch)
         await plc.flow(MIX, plan.flow_per_unit * plan.batch)
         await asyncio.sleep(plan.pace_s)
-    progress(made, "agent restarted: reads counters, open request")
+    progress(made, "agent restarted: reads counters, open request", True)
     agent.start()
     await agent.wait_connected(len(plc.config.sources))
     await pending

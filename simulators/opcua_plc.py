@@ -13,7 +13,10 @@ share one config file: ``LinePlc(config, port=...)`` listens on
   ``complete_ack`` is stamped the same way, as a PLC stamps what it receives.
 - **Quality.** Good unless :meth:`LinePlc.set_quality` says otherwise. A node keeps its quality
   until told again; while it is Bad the server serves no value (OPC UA Part 4, 7.7.1: a Bad
-  value is null), and restoring Good serves the last value again.
+  value is null), and restoring Good serves the last value again. asyncua 2.1's server cannot
+  notify a Bad value through a deadband filter (its deadband check fails on the null value and
+  the change is dropped): with ``subscription.deadband`` set, a Bad scale weight or tare is seen
+  only by a read.
 - **Power cycle.** :meth:`LinePlc.stop` closes the listener, every connection and every session
   (a power-cycled PLC forgets them); values survive into the next :meth:`LinePlc.start` unless
   it is told to reset. While stopped, the PLC keeps counting: a value set meanwhile is what a

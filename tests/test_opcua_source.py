@@ -192,6 +192,7 @@ async def test_one_publish_is_emitted_in_source_timestamp_order(
 async def test_bad_and_uncertain_status_arrive_with_their_names(
     plc: LinePlc, config: Config
 ) -> None:
+    await plc.set_order(MIX, "WO-9")
     await plc.produce(MIX, good=3)
     mix = source(config, MIX)
     rec = Recorder()

@@ -2,6 +2,11 @@
 
 Event names are snake_case facts (``posting_committed``, ``mqtt_connected``); context is bound per
 task with contextvars. No secret is ever passed to a log call.
+
+The libraries' own stdlib logging (asyncua, paho, aiosqlite) goes through the same renderer at
+WARNING and above, so a service's log is one format. asyncua's session-level errors on a lost
+connection ("Publish iteration crashed", with a traceback, every second until the source notices)
+are left out: the source reports the loss itself (``opcua_connection_lost``) and reconnects.
 """
 
 from __future__ import annotations
@@ -27,11 +32,25 @@ def configure_logging(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=shown.isatty())
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = _StandardError(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _StandardError)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("asyncua.client.ua_session").setLevel(logging.CRITICAL)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info,
             renderer,
         ],
@@ -45,3 +64,16 @@ def configure_logging(
         ),
         cache_logger_on_first_use=False,
     )
+
+
+class _StandardError(logging.StreamHandler):  # type: ignore[type-arg]  # typeshed: generic
+    """A handler writing to ``stream``, or to ``sys.stderr`` as it is at each record."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream or sys.stderr)
+        self._fixed = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fixed is None:
+            self.stream = sys.stderr
+        super().emit(record)

@@ -4,6 +4,7 @@ Hypothesis' per-example deadline is a wall-clock threshold, and these machines a
 noisy, so it is off; ``HYPOTHESIS_PROFILE=thorough`` runs many more examples.
 """
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -25,5 +26,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def _structlog_defaults() -> Iterator[None]:
     """A test that runs the CLI configures structlog; the next test starts from the defaults
     (a logger left writing to a finished test's captured stream fails with a closed file)."""
+    handlers = list(logging.getLogger().handlers)
     yield
     structlog.reset_defaults()
+    logging.getLogger().handlers = handlers

@@ -19,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import pytest_asyncio
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -265,3 +266,26 @@ async def test_mes_ack_mode_keeps_rows_until_the_mes_acknowledges(
         assert set(mes.seen) == {f"m{n}" for n in range(5)}
     finally:
         mes.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_broker_is_logged_once_not_per_attempt(
+    tmp_path: Path, store: Store
+) -> None:
+    nobody = Broker(tmp_path / "nobody")  # a free port where no broker listens
+    with structlog.testing.capture_logs() as logs:
+        async with MqttUplink(make_config(nobody), store) as uplink:
+            async with asyncio.timeout(20):
+                while uplink.connect_failures < 3:
+                    await asyncio.sleep(0.05)
+    failures = [e for e in logs if e["event"] == "mqtt_connect_failed"]
+    assert failures == [
+        {
+            "event": "mqtt_connect_failed",
+            "log_level": "warning",
+            "host": "127.0.0.1",
+            "port": nobody.port,
+            "attempts": 1,
+        }
+    ]
+    assert not uplink.connected

@@ -104,6 +104,7 @@ class MqttUplink:
         self.refusal: Refusal | None = None
         self.published = 0
         self.reconnects = 0
+        self.connect_failures = 0  # attempts since the last successful connect
         self._v5 = config.mqtt.protocol == "5"
         if self._v5:
             self._client = mqtt.Client(
@@ -128,6 +129,7 @@ class MqttUplink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_connect_fail = self._on_connect_fail
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,6 +259,9 @@ class MqttUplink:
     ) -> None:
         self._call(self._connected_now, rc)
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._call(self._connect_failed)
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
@@ -287,6 +292,7 @@ class MqttUplink:
             log.warning("mqtt_connect_refused", reason=str(rc))
             return
         self._epoch += 1
+        self.connect_failures = 0
         self._inflight.clear()
         self._awaiting.clear()  # published again from the head in this session
         if self._mes_ack:
@@ -295,6 +301,15 @@ class MqttUplink:
         self._connected.set()
         self._wake.set()
         log.info("mqtt_connected", host=self._config.mqtt.host, port=self._config.mqtt.port)
+
+    def _connect_failed(self) -> None:
+        self.connect_failures += 1
+        # once, then every 10th attempt: a broker down for an hour is one fact, not thousands
+        if self.connect_failures == 1 or self.connect_failures % 10 == 0:
+            m = self._config.mqtt
+            log.warning(
+                "mqtt_connect_failed", host=m.host, port=m.port, attempts=self.connect_failures
+            )
 
     def _disconnected_now(self, rc: ReasonCode) -> None:
         if self._connected.is_set():

@@ -289,3 +289,25 @@ async def test_an_unreachable_broker_is_logged_once_not_per_attempt(
         }
     ]
     assert not uplink.connected
+
+
+@pytest.mark.asyncio
+async def test_mes_commands_reach_the_handler_by_kind(broker: Broker, store: Store) -> None:
+    received: list[tuple[str, bytes]] = []
+    got = asyncio.Event()
+
+    def on_command(kind: str, payload: bytes) -> None:
+        received.append((kind, payload))
+        got.set()
+
+    mes = Subscriber(broker, f"{BASE}/status")
+    try:
+        async with MqttUplink(make_config(broker), store, on_command=on_command) as uplink:
+            await uplink.wait_connected(10)
+            await asyncio.to_thread(mes.take, 1)  # the agent is online, so subscribed
+            mes.client.publish(f"{BASE}/in/orders", b'{"orders": []}', qos=1)
+            async with asyncio.timeout(10):
+                await got.wait()
+    finally:
+        mes.close()
+    assert received == [("orders", b'{"orders": []}')]

@@ -8,6 +8,10 @@
   yet acknowledged is sent again from the outbox: at least once, each message with its
   deterministic id, so the MES deduplicates.
 - A retained status topic carries the birth (online) and, as the last will, offline.
+- MES commands: the uplink subscribes to ``{topic_base}/in/#`` and hands each command (its kind,
+  the last topic level, and payload) to ``on_command``, on the event loop. The command contract
+  (orders, BOMs, lot staging, close, reversal, and their replies) is issue 5; until then a command
+  is logged as not supported and changes nothing.
 - ``delivery = "mes-ack"``: a broker PUBACK is not delivery (shared/DESIGN.md §6): a broker that
   restarts without the MES's session drops what it accepted. In this mode a row leaves the outbox
   only when the MES acknowledges its id on ``{topic_base}/in/mes-ack``
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -85,11 +89,19 @@ def _utc_now() -> str:
 class MqttUplink:
     """Publishes the outbox and keeps the retained status; one per agent."""
 
-    def __init__(self, config: Config, outbox: Outbox, retry_refused_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        retry_refused_s: float = 30.0,
+        on_command: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         self._config = config
+        self._on_command = on_command or _unsupported_command
         self._outbox = outbox
         self._retry_refused_s = retry_refused_s
         self.status_topic = f"{config.topic_base}/status"
+        self.command_topics = f"{config.topic_base}/in/#"
         self.mes_ack_topic = f"{config.topic_base}/in/mes-ack"
         self._mes_ack = config.mqtt.delivery == "mes-ack"
         self._awaiting: dict[str, float] = {}  # message id → when its PUBACK came (mes-ack)
@@ -274,7 +286,11 @@ class MqttUplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != self.mes_ack_topic:
+            kind = message.topic.rsplit("/", 1)[-1]
+            self._call(self._on_command, kind, bytes(message.payload))
             return
+        if not self._mes_ack:
+            return  # acknowledgements mean nothing when the broker's PUBACK is delivery
         try:
             data = json.loads(message.payload)
             ids = data["message_ids"]
@@ -295,8 +311,7 @@ class MqttUplink:
         self.connect_failures = 0
         self._inflight.clear()
         self._awaiting.clear()  # published again from the head in this session
-        if self._mes_ack:
-            self._client.subscribe(self.mes_ack_topic, qos=1)
+        self._client.subscribe(self.command_topics, qos=1)
         self._client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self._connected.set()
         self._wake.set()
@@ -366,6 +381,10 @@ class MqttUplink:
                 "at": _utc_now(),
             }
         ).encode()
+
+
+def _unsupported_command(kind: str, payload: bytes) -> None:
+    log.warning("mes_command_not_supported", kind=kind, size=len(payload))
 
 
 def close_sockets(client: mqtt.Client) -> None:

@@ -3,16 +3,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
 
+from edge_agent.agent import load_documents
 from edge_agent.cli import main
+from edge_agent.config import load_config
+from edge_agent.engine import Engine
+from edge_agent.sources import Quality, SignalEvent
+from edge_agent.store import Store, UnitOfWork
 from tests.test_config import SECTION_ERRORS, example
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -96,3 +104,39 @@ def test_run_refuses_a_store_it_cannot_trust_and_leaves_it_alone(
     assert str(store) in err
     assert "not an SQLite database" in err
     assert store.read_bytes() == before
+
+
+def test_status_shows_the_store_and_a_broken_audit_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = write_config(tmp_path, runnable(tmp_path))
+    assert main(["status", str(config_path)]) == 0
+    assert "does not exist yet" in capsys.readouterr().out
+    asyncio.run(_a_short_run(config_path, tmp_path / "agent.db"))
+    assert main(["status", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "audit chain intact" in out
+    assert "MIX-1" in out
+    assert "WO-7" in out
+    assert "good=12" in out
+
+    with sqlite3.connect(tmp_path / "agent.db") as db:  # an auditor's nightmare: an edited entry
+        db.execute("UPDATE audit SET ref = 'edited' WHERE seq = 3")
+    assert main(["status", str(config_path)]) == 1
+    assert "audit chain BROKEN at entry 3" in capsys.readouterr().out
+
+
+async def _a_short_run(config_path: Path, db: Path) -> None:
+    config = load_config(config_path)
+    async with Store.open(db) as store:
+        docs = await load_documents(config, store)
+        engine = await Engine.load(config, store, docs.master, docs.orders, docs.lots)
+        at = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
+        for n, (signal, value) in enumerate((("order", "WO-7"), ("good", 12), ("scrap", 1))):
+            t = at + timedelta(seconds=n)
+            engine.apply(
+                SignalEvent("mix-plc", "MIX-1", signal, "n", value, Quality.GOOD, "Good", t, t)
+            )
+        uow = UnitOfWork()
+        engine.stage(uow)
+        await store.commit_units([uow])

@@ -39,20 +39,30 @@ class CounterChange(StrEnum):
 @dataclass(frozen=True, slots=True)
 class CounterSpec:
     """A cumulative counter: its width in bits (None: never wraps), engineering units per
-    count, and how far a wrap may reach before a smaller value counts as a reset."""
+    count, and how far a wrap may reach before a smaller value counts as a reset.
+
+    ``rollover_at`` (counts) overrides the width for a counter that wraps at a value that is not
+    a power of two, e.g. a totalizer that shows 0 after 999 999.99 L (``rollover_at`` =
+    100 000 000 counts of 0.01 L).
+    """
 
     width: int | None = 32
     scale: Decimal = Decimal(1)
     rollover_window: int | None = None  # default: half the range
+    rollover_at: int | None = None
 
     def __post_init__(self) -> None:
         if self.width is not None and self.width not in (16, 32, 64):
             raise ValueError(f"counter width must be 16, 32 or 64 bits (got {self.width})")
         if self.scale <= 0:
             raise ValueError(f"counter scale must be greater than zero (got {self.scale})")
+        if self.rollover_at is not None and self.rollover_at < 2:
+            raise ValueError(f"a counter must roll over at 2 or more (got {self.rollover_at})")
 
     @property
     def modulus(self) -> int | None:
+        if self.rollover_at is not None:
+            return self.rollover_at
         return None if self.width is None else 1 << self.width
 
     @property
@@ -86,9 +96,12 @@ def read_counter(
 ) -> CounterReading:
     """Interpret one reading of a cumulative counter against the last one applied."""
     if raw < 0 or (spec.modulus is not None and raw >= spec.modulus):
-        raise SignalError(
-            f"counter value {raw} is outside the range of a {spec.width}-bit unsigned counter"
+        limit = (
+            f"a {spec.width}-bit unsigned counter"
+            if spec.rollover_at is None
+            else f"a counter rolling over at {spec.rollover_at}"
         )
+        raise SignalError(f"counter value {raw} is outside the range of {limit}")
     if state.source_time is not None and source_time < state.source_time:
         return CounterReading(state, CounterChange.STALE, 0)
     new = CounterState(raw, source_time)

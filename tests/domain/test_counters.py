@@ -186,3 +186,15 @@ def test_every_plc_request_is_processed_exactly_once(steps: list[tuple[bool, boo
                 plc_ack = False
             phase = after(phase, action, written=write_ok)
     assert processed == raised
+
+
+def test_a_counter_rolling_over_at_a_decimal_limit() -> None:
+    """A totalizer showing 0 after 999 999.99 L, counted in 0.01 L."""
+    spec = CounterSpec(width=None, scale=Decimal("0.01"), rollover_at=100_000_000)
+    at = datetime(2026, 11, 23, tzinfo=UTC)
+    last = read_counter(spec, CounterState(), 99_999_950, at)
+    wrapped = read_counter(spec, last.state, 25, at + timedelta(seconds=1))
+    assert wrapped.change is CounterChange.ROLLOVER
+    assert quantity(spec, wrapped.counts) == Decimal("0.75")
+    with pytest.raises(SignalError, match="rolling over at 100000000"):
+        read_counter(spec, wrapped.state, 100_000_000, at + timedelta(seconds=2))

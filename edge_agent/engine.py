@@ -257,6 +257,7 @@ class Engine:
         self.stats = EngineStats()
         self.sources: dict[str, SourceConfig] = {s.name: s for s in config.sources}
         self.connected: dict[str, bool] = {s.name: False for s in config.sources}
+        self._reported_down: set[str] = set()  # sources reported unreachable in this run
         self._boms: dict[tuple[str, str], ExplodedBom] = {}
         self._dirty: set[str] = set()
         self._outgoing: list[Outgoing] = []
@@ -426,8 +427,7 @@ class Engine:
         self.stats.events += 1
         self._begin_step()
         if isinstance(event, SourceStatus):
-            self.connected[event.source] = event.connected
-            log.info("source_status", source=event.source, connected=event.connected)
+            self._source_status(event)
             return []
         source = self.sources.get(event.source)
         if source is None:
@@ -453,6 +453,41 @@ class Engine:
                 trigger=_trigger(event),
             )
             return []
+
+    def _source_status(self, status: SourceStatus) -> None:
+        """A lost (or never made) PLC connection is an exception once, and its return another:
+        nothing is counted meanwhile, and the read after reconnecting catches up."""
+        self.connected[status.source] = status.connected
+        log.info("source_status", source=status.source, connected=status.connected)
+        source = self.sources.get(status.source)
+        if source is None:
+            return
+        wc = self.work_centres.get(source.work_centre)
+        order = wc.order if wc else None
+        if not status.connected and status.source not in self._reported_down:
+            self._reported_down.add(status.source)
+            self._exception(
+                source.work_centre,
+                ExceptionCode.SOURCE_UNREACHABLE,
+                Severity.ERROR,
+                f"PLC connection {status.source} of work centre {source.work_centre} is down "
+                f"({status.detail}): nothing is counted until it is back; the counters are then "
+                "read and the difference posted",
+                order,
+                source.operation,
+                details={"source": status.source, "detail": status.detail},
+            )
+        elif status.connected and status.source in self._reported_down:
+            self._reported_down.discard(status.source)
+            self._exception(
+                source.work_centre,
+                ExceptionCode.SOURCE_RECOVERED,
+                Severity.INFO,
+                f"PLC connection {status.source} of work centre {source.work_centre} is back",
+                order,
+                source.operation,
+                details={"source": status.source, "detail": status.detail},
+            )
 
     def _wc(self, name: str) -> WorkCentreState:
         if name not in self.work_centres:

@@ -91,6 +91,8 @@ class ExceptionCode(StrEnum):
     UNKNOWN_ORDER = "unknown_order"  # counts for an order the agent has no master data for
     NO_BOM_LINE = "no_bom_line"  # a flow or scale signal with no matching meter/weigh line
     POSTING_REJECTED = "posting_rejected"  # the rules refused a confirmation (e.g. below zero)
+    SOURCE_UNREACHABLE = "source_unreachable"  # a PLC connection is lost or cannot be made
+    SOURCE_RECOVERED = "source_recovered"  # ... and is back (its counters are read again)
 
 
 class Severity(StrEnum):

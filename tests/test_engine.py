@@ -404,3 +404,18 @@ async def test_a_weighing_finished_while_the_agent_was_away_is_taken_once(
     await commit(again, store)
     totals = consumed(await outbox(store))
     assert totals == {("WO-7", "RM-ACTIVE"): Decimal("1.250")}
+
+
+@pytest.mark.asyncio
+async def test_a_lost_plc_connection_is_reported_once_and_its_return_too(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock()
+    line = Line(clock)
+    engine = await load(make_config(tmp_path), store, clock)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    for connected in (False, False, False, True, True, False):  # retries report no news
+        engine.apply(SourceStatus("mix-plc", connected, "ConnectionRefusedError", clock.tick()))
+    await commit(engine, store)
+    codes = [m.code.value for m in await outbox(store) if m.schema_name.endswith("exception")]
+    assert codes == ["source_unreachable", "source_recovered", "source_unreachable"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from edge_agent.config import Config
+from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.documents import load_lots_file, load_master, load_orders_file, read_json
 from edge_agent.domain.lots import Lot
 from edge_agent.domain.masterdata import MasterData, load_master_data
@@ -26,6 +27,7 @@ from edge_agent.domain.orders import WorkOrder, load_orders
 from edge_agent.engine import Engine
 from edge_agent.errors import ConfigError, EdgeAgentError, SignalError
 from edge_agent.sources import Source
+from edge_agent.sources.modbus import ModbusSource
 from edge_agent.sources.opcua import OpcUaSource
 from edge_agent.store import Store
 from edge_agent.uplink.mqtt import MqttUplink
@@ -92,8 +94,12 @@ class SourceWriter:
             ) from None
 
 
-def opcua_sources(config: Config) -> list[Source]:
-    return [OpcUaSource(s) for s in config.sources]
+def plc_sources(config: Config) -> list[Source]:
+    """A source per configured connection, of its kind (OPC UA or Modbus TCP)."""
+    return [
+        OpcUaSource(s) if isinstance(s, OpcUaSourceConfig) else ModbusSource(s)
+        for s in config.sources
+    ]
 
 
 class Agent:
@@ -102,7 +108,7 @@ class Agent:
     def __init__(
         self,
         config: Config,
-        make_sources: Callable[[Config], Sequence[Source]] = opcua_sources,
+        make_sources: Callable[[Config], Sequence[Source]] = plc_sources,
     ) -> None:
         self.config = config
         self._make_sources = make_sources

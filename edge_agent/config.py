@@ -7,7 +7,9 @@ exits 2, and so will `edge-agent run`.
 Sections: ``[agent]`` (its id), ``[place]`` (the line's ISA-95 place: site, area, line, work
 centres), ``[store]`` (the SQLite file), ``[mqtt]`` (the uplink), ``[masterdata]`` (an optional
 initial master-data document, until the MES sends one), and ``[[sources]]``: one per PLC
-connection and work centre, with its signal map.
+connection and work centre, with its signal map: ``kind = "opcua"`` (the default; an
+``endpoint`` and a node per signal) or ``kind = "modbus"`` (a ``host``, a unit id and a register
+per signal, see :class:`ModbusSource`). The signal names and rules are the same for both.
 """
 
 from __future__ import annotations
@@ -16,21 +18,37 @@ import re
 import tomllib
 from collections.abc import Sequence
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
+from edge_agent.domain.counters import CounterSpec
 from edge_agent.domain.masterdata import DecimalStr
 from edge_agent.domain.quantities import unit
 from edge_agent.errors import ConfigError, UnitError
+from edge_agent.sources.modbus_codec import (
+    BIT_TABLES,
+    INTEGER_TYPES,
+    REGISTERS,
+    WIDTH,
+    WRITABLE_TABLES,
+)
+from edge_agent.sources.modbus_codec import DataType as ModbusType
+from edge_agent.sources.modbus_codec import Order as ModbusOrder
+from edge_agent.sources.modbus_codec import Table as ModbusTable
 
 
 def _name(value: str) -> str:
@@ -149,6 +167,10 @@ class CounterSignal(NodeSignal):
     width: Literal[16, 32, 64] = 32
     scale: DecimalStr = Field(default=Decimal(1), gt=0)
 
+    def counter_spec(self) -> CounterSpec:
+        """How the engine counts this counter's values (raw counts of ``scale`` each)."""
+        return CounterSpec(self.width, self.scale)
+
 
 class FlowSignal(CounterSignal):
     """A flow-meter totalizer feeding a `meter` BOM line."""
@@ -183,19 +205,7 @@ class Signals(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        handshake = (self.complete_request, self.complete_ack)
-        if any(handshake) and not all(handshake):
-            raise ValueError(
-                "complete_request and complete_ack go together: the agent acknowledges each "
-                "request it has committed"
-            )
-        if (self.complete_good or self.complete_scrap) and not self.complete_request:
-            raise ValueError("complete_good/complete_scrap need the complete_request handshake")
-        if not (self.good or self.complete_request or self.flow or self.scale):
-            raise ValueError(
-                "nothing to post from: configure a good counter, the operation-complete "
-                "handshake, a flow totalizer or a scale"
-            )
+        _check_signal_set(self)
         nodes: dict[str, str] = {}
         for name, signal in self._nodes():
             if signal in nodes:
@@ -216,6 +226,23 @@ class Signals(_Section):
                     if (sig := getattr(value, part)) is not None
                 ]
         return out
+
+
+def _check_signal_set(signals: Signals | ModbusSignals) -> None:
+    """The rules every signal map keeps, whatever the protocol."""
+    handshake = (signals.complete_request, signals.complete_ack)
+    if any(handshake) and not all(handshake):
+        raise ValueError(
+            "complete_request and complete_ack go together: the agent acknowledges each "
+            "request it has committed"
+        )
+    if (signals.complete_good or signals.complete_scrap) and not signals.complete_request:
+        raise ValueError("complete_good/complete_scrap need the complete_request handshake")
+    if not (signals.good or signals.complete_request or signals.flow or signals.scale):
+        raise ValueError(
+            "nothing to post from: configure a good counter, the operation-complete "
+            "handshake, a flow totalizer or a scale"
+        )
 
 
 class Subscription(_Section):
@@ -243,13 +270,420 @@ class OpcUaSource(_Section):
     signals: Signals
 
 
+# ------------------------------------------------------------------------------------- Modbus
+
+_ENCODED_TYPES: tuple[ModbusType, ...] = (
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "uint64",
+    "int64",
+    "float32",
+    "string",
+)
+
+
+class ModbusRegister(_Section):
+    """Where and how one signal sits in a Modbus device.
+
+    ``address`` is the 0-based protocol address in ``table`` (holding register 40001 in the
+    Modicon notation is ``holding`` address 0). ``unit`` overrides the source's ``device_id``
+    (a scale indicator or flow meter behind the same gateway). A ``bool`` is a coil or discrete
+    input, or ``bit`` 0..15 of a register. ``word_order``/``byte_order`` say where the high word
+    and the high byte are ("big": first). ``scale`` and ``offset`` are decimal strings; a float32
+    is rounded to ``resolution``. See :mod:`edge_agent.sources.modbus_codec`.
+    """
+
+    #: what this signal is (in messages), and the types it may have
+    _what: ClassVar[str] = "a value"
+    _types: ClassVar[tuple[ModbusType, ...]] = (*_ENCODED_TYPES, "bool")
+
+    table: ModbusTable = "holding"
+    address: int = Field(ge=0, le=65535)
+    unit: int | None = Field(default=None, ge=0, le=255)
+    bit: int | None = Field(default=None, ge=0, le=15)
+    type: ModbusType | None = Field(default=None, validate_default=True)
+    length: int | None = Field(default=None, ge=1, le=125, validate_default=True)
+    word_order: ModbusOrder = "big"
+    byte_order: ModbusOrder = "big"
+    scale: DecimalStr = Field(default=Decimal(1), validate_default=True)
+    offset: DecimalStr = Field(default=Decimal(0), validate_default=True)
+    resolution: DecimalStr | None = Field(default=None, gt=0, validate_default=True)
+
+    @field_validator("bit")
+    @classmethod
+    def _bit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("table") in BIT_TABLES:
+            raise ValueError("a coil or discrete input is one bit: bit is for registers only")
+        return value
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: ModbusType | None, info: ValidationInfo) -> ModbusType:
+        if "table" not in info.data:
+            return value or "bool"  # the table is wrong: reported on its own field
+        table, bit = info.data["table"], info.data.get("bit")
+        if value is None:
+            if table not in BIT_TABLES and bit is None:
+                choices = ", ".join(t for t in cls._types if t != "bool")
+                raise ValueError(f"required for a {table} register ({choices})")
+            value = "bool"
+        if value not in cls._types:
+            raise ValueError(f"{cls._what} must be {' or '.join(cls._types)}")
+        if table in BIT_TABLES and value != "bool":
+            raise ValueError(f"a {table} holds one bool, not a {value}")
+        if bit is not None and value != "bool":
+            raise ValueError(f"bit {bit} is set: type must be bool")
+        if value == "bool" and table not in BIT_TABLES and bit is None:
+            raise ValueError("a bool in a register needs its bit (0..15)")
+        return value
+
+    @field_validator("length")
+    @classmethod
+    def _length(cls, value: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("type")
+        if kind == "string" and value is None:
+            raise ValueError("required for a string: registers of 2 characters each")
+        if kind not in ("string", None) and value is not None:
+            raise ValueError("only a string has a length")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value: Decimal) -> Decimal:
+        if value == 0:
+            raise ValueError("must not be 0")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if value is not None and info.data.get("type") not in ("float32", None):
+            raise ValueError("only a float32 is rounded to a resolution")
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> Self:
+        if self.address + self.size > 65536:
+            raise ValueError(f"{self.table}:{self.address} + {self.size} registers run past 65535")
+        return self
+
+    @property
+    def size(self) -> int:
+        """Registers (or bits) the value occupies."""
+        if self.table in BIT_TABLES:
+            return 1
+        if self.type == "string":
+            return self.length or 1
+        return REGISTERS.get(self.type or "uint16", 1)
+
+
+class _ExactRegister(ModbusRegister):
+    """A value taken as it is: no scale, no offset (a count, a flag, text)."""
+
+    @field_validator("scale", "offset")
+    @classmethod
+    def _unscaled(cls, value: Decimal, info: ValidationInfo) -> Decimal:
+        if value != (1 if info.field_name == "scale" else 0):
+            raise ValueError(f"{cls._what} is taken as it is: no {info.field_name}")
+        return value
+
+
+class ModbusText(_ExactRegister):
+    """The order id: an ASCII string of ``length`` registers."""
+
+    _what: ClassVar[str] = "the order id"
+    _types: ClassVar[tuple[ModbusType, ...]] = ("string",)
+
+
+class ModbusFlag(_ExactRegister):
+    """A flag: a coil, a discrete input, a bit of a register, or a whole register (not 0)."""
+
+    _what: ClassVar[str] = "a flag"
+    _types: ClassVar[tuple[ModbusType, ...]] = ("bool", "uint16", "int16")
+
+
+class ModbusAck(ModbusFlag):
+    """The operation-complete acknowledge: written by the agent, so a coil or a holding
+    register (a bit of one is written with mask write, function 22)."""
+
+    @field_validator("table")
+    @classmethod
+    def _writable(cls, value: ModbusTable) -> ModbusTable:
+        if value not in WRITABLE_TABLES:
+            raise ValueError(
+                f"the agent writes complete_ack: a coil or a holding register, not a {value}"
+            )
+        return value
+
+
+class ModbusQuantity(_ExactRegister):
+    """A handshake quantity (complete_good, complete_scrap): an integer."""
+
+    _what: ClassVar[str] = "a quantity"
+    _types: ClassVar[tuple[ModbusType, ...]] = INTEGER_TYPES
+
+
+class ModbusCounter(ModbusRegister):
+    """A cumulative counter or totalizer, emitted as integer counts.
+
+    An unsigned integer is counted as it is, ``scale`` engineering units per count, and rolls
+    over at its width (or at ``rollover``, engineering units, when the device wraps earlier). A
+    float32 totalizer is counted in steps of its ``resolution`` and rolls over at ``rollover``
+    (required: a float32 resolves fewer steps the larger it gets, so how far it may go decides
+    whether the resolution can be kept).
+    """
+
+    _what: ClassVar[str] = "a counter"
+    _types: ClassVar[tuple[ModbusType, ...]] = ("uint16", "uint32", "uint64", "float32")
+
+    rollover: DecimalStr | None = Field(default=None, gt=0, validate_default=True)
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, value: Decimal) -> Decimal:
+        if value < 0:
+            raise ValueError("a counter's scale must be greater than 0")
+        return value
+
+    @field_validator("offset")
+    @classmethod
+    def _no_offset(cls, value: Decimal) -> Decimal:
+        if value != 0:
+            raise ValueError("a counter counts from 0: no offset")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _needs_resolution(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if value is None and info.data.get("type") == "float32":
+            raise ValueError("required for a float32 counter: it is counted in these steps")
+        return value
+
+    @field_validator("rollover")
+    @classmethod
+    def _rollover(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        kind, scale = info.data.get("type"), info.data.get("scale")
+        if kind is None or scale is None:
+            return value  # reported on its own field
+        if kind == "float32":
+            resolution = info.data.get("resolution")
+            if value is None:
+                raise ValueError(
+                    "required for a float32 totalizer: where it shows 0 again (its steps grow "
+                    "with its value, so the agent must know how far it goes)"
+                )
+            if resolution is None:
+                return value
+            steps = Fraction(value) / Fraction(resolution)
+            if steps.denominator != 1 or steps < 2:
+                raise ValueError(
+                    f"must be a whole number of steps of the resolution {resolution}, 2 or more"
+                )
+            step = _float32_step_below(Fraction(value) / Fraction(scale)) * Fraction(scale)
+            if step >= resolution:
+                raise ValueError(
+                    f"a float32 just below {value} moves in steps of {float(step):g}, not finer "
+                    f"than the resolution {resolution}: counts would be lost; use a rollover of "
+                    f"at most {_float32_exact_limit(Fraction(resolution), Fraction(scale))} or "
+                    "a coarser resolution"
+                )
+            return value
+        if value is not None:
+            steps = Fraction(value) / Fraction(scale)
+            width = WIDTH[kind]
+            if steps.denominator != 1 or not 2 <= steps <= 1 << width:
+                raise ValueError(
+                    f"must be a whole number of counts of {scale}, from 2 to 2**{width} counts"
+                )
+        return value
+
+    def counter_spec(self) -> CounterSpec:
+        """How the engine counts the counts the source emits: ``scale`` (a float32: its
+        ``resolution``) engineering units each, rolling over at the width or ``rollover``."""
+        if self.type == "float32":
+            assert self.resolution is not None
+            assert self.rollover is not None
+            return CounterSpec(None, self.resolution, rollover_at=self._counts(self.resolution))
+        assert self.type is not None
+        width = WIDTH[self.type]
+        rollover_at = self._counts(self.scale) if self.rollover is not None else None
+        return CounterSpec(width, self.scale, rollover_at=rollover_at)
+
+    def _counts(self, step: Decimal) -> int:
+        assert self.rollover is not None
+        counts = Fraction(self.rollover) / Fraction(step)
+        assert counts.denominator == 1
+        return int(counts)
+
+
+class ModbusFlow(ModbusCounter):
+    """A flow-meter totalizer feeding a `meter` BOM line."""
+
+    uom: UnitCode
+    material: str = Field(min_length=1)
+
+
+class ModbusAnalog(ModbusRegister):
+    """A measurement (gross weight, tare): ``raw × scale + offset``; a float32 is rounded to its
+    ``resolution`` (default: the scale's)."""
+
+    _what: ClassVar[str] = "a measurement"
+    _types: ClassVar[tuple[ModbusType, ...]] = (*INTEGER_TYPES, "float32")
+
+
+class ModbusScaleSignals(_Section):
+    """A scale indicator over Modbus: weight, stable flag and optional tare."""
+
+    weight: ModbusAnalog
+    stable: ModbusFlag
+    tare: ModbusAnalog | None = None
+    uom: UnitCode
+    resolution: DecimalStr = Field(gt=0)
+    material: str = Field(min_length=1)
+
+
+class ModbusSignals(_Section):
+    """Which registers carry what, for one work centre: the signal names and rules of
+    :class:`Signals`, with a register in place of a node."""
+
+    order: ModbusText
+    good: ModbusCounter | None = None
+    scrap: ModbusCounter | None = None
+    complete_request: ModbusFlag | None = None
+    complete_ack: ModbusAck | None = None
+    complete_good: ModbusQuantity | None = None
+    complete_scrap: ModbusQuantity | None = None
+    flow: ModbusFlow | None = None
+    scale: ModbusScaleSignals | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_signal_set(self)
+        return self
+
+    def registers(self) -> dict[str, ModbusRegister]:
+        """Signal name (``scale.weight`` for a scale's) → its register, in field order."""
+        out: dict[str, ModbusRegister] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, ModbusRegister):
+                out[name] = value
+            elif isinstance(value, ModbusScaleSignals):
+                for part in ("weight", "stable", "tare"):
+                    if (register := getattr(value, part)) is not None:
+                        out[f"{name}.{part}"] = register
+        return out
+
+
+class ModbusSource(_Section):
+    """One Modbus TCP device (or gateway) serving one work centre, polled, and its signal map."""
+
+    kind: Literal["modbus"]
+    name: Name
+    host: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    port: int = Field(default=502, ge=1, le=65535)
+    #: the unit id (slave id) of the device; a register's ``unit`` overrides it
+    device_id: int = Field(default=1, ge=0, le=255)
+    work_centre: Name
+    operation: str = Field(min_length=1)
+    poll_interval_ms: int = Field(default=200, ge=10, le=60_000)
+    #: a request not answered in time means the connection is lost (reconnect, read again)
+    timeout_ms: int = Field(default=1000, ge=10, le=60_000)
+    reconnect_min_ms: int = Field(default=500, ge=10)
+    reconnect_max_ms: int = Field(default=30_000, ge=10)
+    counters_reset_on_order_change: bool = True
+    #: unused registers one read may bridge to reach the next signal (0: only adjacent ones)
+    max_gap: int = Field(default=8, ge=0, le=124)
+    signals: ModbusSignals
+
+    @field_validator("signals")
+    @classmethod
+    def _no_overlap(cls, value: ModbusSignals, info: ValidationInfo) -> ModbusSignals:
+        device = info.data.get("device_id", 1)
+        seen: dict[tuple[int, str, int], list[tuple[str, int | None]]] = {}
+        for name, register in value.registers().items():
+            unit = device if register.unit is None else register.unit
+            for address in range(register.address, register.address + register.size):
+                users = seen.setdefault((unit, register.table, address), [])
+                for other, bit in users:
+                    # two bits of one status word are two signals; anything else is one read twice
+                    if bit is None or register.bit is None or bit == register.bit:
+                        raise ValueError(
+                            f"{name} and {other} overlap at {register.table}:{address} "
+                            f"(unit {unit})"
+                        )
+                users.append((name, register.bit))
+        return value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> Self:
+        if self.reconnect_max_ms < self.reconnect_min_ms:
+            raise ValueError("reconnect_max_ms must not be less than reconnect_min_ms")
+        return self
+
+
+def _float32_step_below(limit: Fraction) -> Fraction:
+    """The distance between adjacent float32 values just below ``limit`` (> 0)."""
+    exponent = limit.numerator.bit_length() - limit.denominator.bit_length()
+    while Fraction(2) ** exponent >= limit:
+        exponent -= 1
+    while Fraction(2) ** (exponent + 1) < limit:
+        exponent += 1
+    return Fraction(2) ** (exponent - 23)
+
+
+def _float32_exact_limit(resolution: Fraction, scale: Fraction) -> str:
+    """The largest power of two (in engineering units) below which a float32 still moves in
+    steps finer than ``resolution``."""
+    exponent = 0
+    while Fraction(2) ** (exponent - 24) * scale < resolution:
+        exponent += 1
+    while Fraction(2) ** (exponent - 24) * scale >= resolution:
+        exponent -= 1
+    limit = Fraction(2) ** exponent * scale
+    return format(Decimal(limit.numerator) / Decimal(limit.denominator), "f")
+
+
+def _source_kind(value: Any) -> str | None:
+    """Which model validates a source: its shape when that is plain (an ``endpoint`` is OPC UA,
+    a ``host`` is Modbus: a contradicting ``kind`` is then named as the error), else its
+    ``kind`` (default "opcua")."""
+    if not isinstance(value, dict):
+        return getattr(value, "kind", None)
+    if "endpoint" in value and "host" not in value:
+        return "opcua"
+    if "host" in value and "endpoint" not in value:
+        return "modbus"
+    kind = value.get("kind", "opcua")
+    return kind if kind in SOURCE_KINDS else None
+
+
+SOURCE_KINDS = ("opcua", "modbus")
+
+#: every kind of source configuration
+SourceConfig = OpcUaSource | ModbusSource
+#: every counter-like signal configuration: each has ``counter_spec()``
+CounterConfig = CounterSignal | ModbusCounter
+
+_AnySource = Annotated[
+    Annotated[OpcUaSource, Tag("opcua")] | Annotated[ModbusSource, Tag("modbus")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="unknown kind of source",
+    ),
+]
+
+
 class Config(_Section):
     agent: AgentSection
     place: PlaceSection
     store: StoreSection
     mqtt: MqttSection = MqttSection()
     masterdata: MasterDataSection | None = None
-    sources: tuple[OpcUaSource, ...] = Field(min_length=1)
+    sources: tuple[_AnySource, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Self:
@@ -281,9 +715,12 @@ class Config(_Section):
 
 
 def error_path(loc: Sequence[int | str]) -> str:
-    """A pydantic location as a path a person finds in the file: ``sources[1].signals.good``."""
+    """A pydantic location as a path a person finds in the file: ``sources[1].signals.good``
+    (the kind of source pydantic puts after ``sources[1]`` is not in the file: left out)."""
     out = ""
-    for key in loc:
+    for i, key in enumerate(loc):
+        if key in SOURCE_KINDS and i >= 2 and loc[i - 2] == "sources":
+            continue
         if isinstance(key, int):
             out += f"[{key}]"
         else:
@@ -302,6 +739,12 @@ def describe(exc: ValidationError) -> list[str]:
             problems += msg.splitlines()  # cross-reference problems carry their own paths
         elif err["type"] == "missing":
             problems.append(f"{path}: required")
+        elif err["type"] == "source_kind":
+            value = err.get("input")
+            kind = value.get("kind") if isinstance(value, dict) else None
+            problems.append(
+                f"{path}.kind: must be {' or '.join(map(repr, SOURCE_KINDS))} (got {kind!r})"
+            )
         else:
             value = err.get("input")
             shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"

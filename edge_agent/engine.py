@@ -34,8 +34,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from edge_agent.config import Config, CounterSignal
-from edge_agent.config import OpcUaSource as SourceConfig
+from edge_agent.config import Config, CounterConfig, CounterSignal, ModbusCounter, SourceConfig
 from edge_agent.domain.backflush import (
     RULE_VERSION,
     ComponentPosting,
@@ -48,7 +47,6 @@ from edge_agent.domain.backflush import (
 )
 from edge_agent.domain.counters import (
     CounterChange,
-    CounterSpec,
     CounterState,
     HandshakeAction,
     HandshakePhase,
@@ -525,14 +523,14 @@ class Engine:
             assert spec is not None
             counts = self._count(source, wc, event, spec)
             if counts:
-                q = quantity(_spec(spec), counts)
+                q = quantity(spec.counter_spec(), counts)
                 good, scrap = (q, Decimal(0)) if signal == "good" else (Decimal(0), q)
                 self._confirm(source, wc.order, good, scrap, event)
         elif signal == "flow":
             assert sigs.flow is not None
             counts = self._count(source, wc, event, sigs.flow)
             if counts:
-                amount = quantity(_spec(sigs.flow), counts)
+                amount = quantity(sigs.flow.counter_spec(), counts)
                 self._meter(source, wc.order, sigs.flow.material, amount, sigs.flow.uom, event)
         elif signal in ("complete_good", "complete_scrap"):
             value = _int(event)
@@ -590,11 +588,13 @@ class Engine:
             self._order(order)  # pins the BOM revision in effect now
 
     def _count(
-        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, cfg: CounterSignal
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, cfg: CounterConfig
     ) -> int:
         raw = _int(event)
         state = wc.counters.get(event.signal, CounterState())
-        reading = read_counter(_spec(cfg), state, raw, event.source_time or event.received_at)
+        reading = read_counter(
+            cfg.counter_spec(), state, raw, event.source_time or event.received_at
+        )
         if reading.change is CounterChange.STALE:
             return 0
         if reading.state != state:
@@ -1105,13 +1105,9 @@ class Engine:
 _HALF_UP = Rounding.HALF_UP
 
 
-def _spec(cfg: CounterSignal) -> CounterSpec:
-    return CounterSpec(cfg.width, cfg.scale)
-
-
-def _counter(source: SourceConfig, name: str) -> CounterSignal | None:
+def _counter(source: SourceConfig, name: str) -> CounterConfig | None:
     value = getattr(source.signals, name)
-    return value if isinstance(value, CounterSignal) else None
+    return value if isinstance(value, CounterSignal | ModbusCounter) else None
 
 
 def _int(event: SignalEvent) -> int:

@@ -129,6 +129,8 @@ class LinePlc:
         self._variables: dict[str, _Variable] = {}
         self._totals: dict[tuple[str, str], Tally] = {}
         for source in config.sources:
+            if not isinstance(source, OpcUaSourceConfig):
+                continue  # a Modbus source: simulators/modbus_plc.py serves it
             if source.work_centre in self._work_centres:
                 raise ValueError(f"work centre {source.work_centre!r} has two sources")
             variables = {}

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import tomli_w
 
-from edge_agent.config import Config, parse_config
+from edge_agent.config import Config, OpcUaSource, parse_config
 from edge_agent.documents import load_master, load_orders_file
 from edge_agent.domain.backflush import ConsumptionState, ScaleReading, confirm, meter, weigh
 from edge_agent.domain.explosion import explode
@@ -241,8 +241,9 @@ async def run_shift(
     else:
         control, address = broker, (broker.host, broker.port)
     config, config_path = agent_config(workdir, free_port(), address, protocol or "5", delivery)
-    assert config.sources[0].endpoint
-    plc_port = int(config.sources[0].endpoint.rsplit(":", 1)[1].split("/")[0])
+    first = config.sources[0]
+    assert isinstance(first, OpcUaSource)
+    plc_port = int(first.endpoint.rsplit(":", 1)[1].split("/")[0])
     agent = AgentProcess(config_path, workdir / "agent.log")
     mes = MesSimulator.for_agent(
         config, workdir / "mes-ledger.db", client_id="mes-sim", mes_ack=True

@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import tomllib
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.config import load_config, parse_config
+from edge_agent.config import ModbusCounter, load_config, parse_config
+from edge_agent.config import ModbusSource as ModbusSourceConfig
+from edge_agent.domain.counters import CounterSpec
 from edge_agent.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "line.toml"
@@ -187,3 +190,170 @@ def test_unreadable_or_malformed_file_exits_2(
         path.write_text(content)
     assert main(["validate", str(path)]) == 2
     assert expected in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ Modbus
+
+MODBUS_EXAMPLE = EXAMPLE.parent / "line-modbus.toml"
+
+
+def modbus_problems_after(change: Callable[[dict[str, Any]], None]) -> list[str]:
+    data = tomllib.loads(MODBUS_EXAMPLE.read_text())
+    change(data)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    return list(exc.value.problems)
+
+
+def test_the_modbus_example_validates_with_the_same_line_and_signals() -> None:
+    config = load_config(MODBUS_EXAMPLE)
+    opcua = load_config(EXAMPLE)
+    assert (config.agent, config.place, config.mqtt) == (opcua.agent, opcua.place, opcua.mqtt)
+    assert config.masterdata is not None
+    assert opcua.masterdata is not None
+    assert config.masterdata.path == opcua.masterdata.path
+    assert [s.kind for s in config.sources] == ["modbus", "modbus"]
+    for modbus, node in zip(config.sources, opcua.sources, strict=True):
+        assert isinstance(modbus, ModbusSourceConfig)
+        assert (modbus.name, modbus.work_centre, modbus.operation) == (
+            node.name,
+            node.work_centre,
+            node.operation,
+        )
+        names = {n for n, v in node.signals if v is not None}
+        assert {n for n, v in modbus.signals if v is not None} == names
+    mix = config.sources[0]
+    assert isinstance(mix, ModbusSourceConfig)
+    assert (mix.port, mix.device_id, mix.max_gap) == (5020, 1, 8)
+    assert mix.signals.scale is not None
+    assert mix.signals.scale.weight.unit == 2
+    assert main(["validate", str(MODBUS_EXAMPLE)]) == 0
+
+
+def test_every_counter_config_gives_the_engine_its_counter_spec() -> None:
+    opcua = load_config(EXAMPLE).sources[0].signals
+    assert opcua.scrap is not None
+    assert opcua.flow is not None
+    assert opcua.scrap.counter_spec() == CounterSpec(16, Decimal(1))
+    assert opcua.flow.counter_spec() == CounterSpec(32, Decimal("0.01"))
+    modbus = load_config(MODBUS_EXAMPLE).sources[0].signals
+    assert modbus.good is not None
+    assert modbus.flow is not None
+    assert modbus.good.counter_spec() == CounterSpec(32, Decimal(1))
+    # the float32 totalizer: counts of 0.01 L, showing 0 again at 100 000 L
+    assert modbus.flow.counter_spec() == CounterSpec(None, Decimal("0.01"), rollover_at=10_000_000)
+    # an integer counter that wraps before its width, in engineering units
+    wraps = ModbusCounter(address=0, type="uint16", scale=Decimal("0.1"), rollover=Decimal(1000))
+    assert wraps.counter_spec() == CounterSpec(16, Decimal("0.1"), rollover_at=10_000)
+
+
+MODBUS_ERRORS = [
+    (
+        _set("sources.0.signals.good", {"address": 10}),
+        "sources[0].signals.good.type: required for a holding register (uint16, uint32",
+    ),
+    (
+        _set("sources.0.signals.good.type", "int16"),
+        "sources[0].signals.good.type: a counter must be uint16 or uint32 or uint64 or float32",
+    ),
+    (_set("sources.0.signals.good.address", 70000), "sources[0].signals.good.address: Input"),
+    (
+        _set("sources.0.signals.good.offset", "1"),
+        "sources[0].signals.good.offset: a counter counts from 0: no offset",
+    ),
+    (
+        _set("sources.0.signals.scrap.address", 11),
+        "sources[0].signals: scrap and good overlap at holding:11 (unit 1)",
+    ),
+    (
+        _delete("sources.0.signals.flow.resolution"),
+        "sources[0].signals.flow.resolution: required for a float32 counter",
+    ),
+    (
+        _delete("sources.0.signals.flow.rollover"),
+        "sources[0].signals.flow.rollover: required for a float32 totalizer",
+    ),
+    (
+        _set("sources.0.signals.flow.rollover", "1000000"),
+        "sources[0].signals.flow.rollover: a float32 just below 1000000 moves in steps of "
+        "0.0625, not finer than the resolution 0.01: counts would be lost; use a rollover of "
+        "at most 131072",
+    ),
+    (
+        _set("sources.0.signals.order", {"address": 0, "type": "string"}),
+        "sources[0].signals.order.length: required for a string",
+    ),
+    (
+        _set("sources.0.signals.scale.stable", {"unit": 2, "table": "input", "address": 4}),
+        "sources[0].signals.scale.stable.type: required for a input register",
+    ),
+    (
+        _set("sources.0.signals.scale.stable.table", "discrete"),
+        "sources[0].signals.scale.stable.bit: a coil or discrete input is one bit",
+    ),
+    (
+        _set("sources.0.signals.scale.weight.type", "string"),
+        "sources[0].signals.scale.weight.type: a measurement must be",
+    ),
+    (
+        _set("sources.1.signals.complete_ack.table", "discrete"),
+        "sources[1].signals.complete_ack.table: the agent writes complete_ack: a coil or a "
+        "holding register, not a discrete",
+    ),
+    (
+        _set("sources.1.signals.complete_request", {"table": "coil", "address": 1}),
+        "sources[1].signals: complete_ack and complete_request overlap at coil:1 (unit 3)",
+    ),
+    (
+        _delete("sources.1.signals.complete_ack"),
+        "sources[1].signals: complete_request and complete_ack go together",
+    ),
+    (
+        _set("sources.1.signals.complete_good.type", "float32"),
+        "sources[1].signals.complete_good.type: a quantity must be uint16 or int16",
+    ),
+    (_set("sources.1.signals.complete_good.scale", "2"), "sources[1].signals.complete_good.scale"),
+    (_set("sources.1.port", 0), "sources[1].port: Input should be greater than or equal to 1"),
+    (_set("sources.1.device_id", 256), "sources[1].device_id: Input should be less than"),
+    (_set("sources.1.max_gap", 125), "sources[1].max_gap: Input should be less than or equal"),
+    (_set("sources.1.nodes", {}), "sources[1].nodes: unknown key (misspelt?)"),
+    (_delete("sources.1.kind"), "sources[1].kind: required"),
+    (_set("sources.1.kind", "opcua"), "sources[1].kind: Input should be 'modbus'"),
+    (
+        _set("sources.1.reconnect_min_ms", 99999),
+        "sources[1]: reconnect_max_ms must not be less than reconnect_min_ms",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), MODBUS_ERRORS)
+def test_a_modbus_error_is_named_by_its_path(
+    change: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    found = modbus_problems_after(change)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_bits_of_one_status_word_may_be_two_signals() -> None:
+    data = tomllib.loads(MODBUS_EXAMPLE.read_text())
+    data["sources"][1]["signals"]["complete_request"] = {"address": 20, "bit": 0}
+    data["sources"][1]["signals"]["complete_ack"] = {"address": 20, "bit": 1}
+    parse_config(data)  # valid
+    data["sources"][1]["signals"]["complete_ack"] = {"address": 20, "bit": 0}
+    with pytest.raises(ConfigError, match="complete_ack and complete_request overlap"):
+        parse_config(data)
+
+
+def test_a_source_s_kind_is_checked_against_its_shape() -> None:
+    # an OPC UA source said to be Modbus (the endpoint says what it is), and an unknown kind
+    assert problems_after(_set("sources.0.kind", "modbus")) == [
+        "sources[0].kind: Input should be 'opcua' (got 'modbus')"
+    ]
+
+    def unknown(data: dict[str, Any]) -> None:
+        del data["sources"][0]["endpoint"]
+        data["sources"][0]["kind"] = "profinet"
+
+    assert "sources[0].kind: must be 'opcua' or 'modbus' (got 'profinet')" in problems_after(
+        unknown
+    )

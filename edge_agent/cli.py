@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stopped, so the demo has no broker outage then",
     )
     demo.add_argument(
+        "--source",
+        choices=["opcua", "modbus"],
+        default="opcua",
+        help="how the PLC, scale and flow meter are read (config/line.toml or "
+        "config/line-modbus.toml)",
+    )
+    demo.add_argument(
         "--rules",
         action="store_true",
         help="instead, walk one order through the pure backflush rules step by step",
@@ -183,7 +190,7 @@ def _demo(args: argparse.Namespace, out: Console) -> int:
     if args.rules:
         run_rules_demo(out, CONFIG_DIR)
         return EXIT_OK
-    return run_shift_demo(out, args.broker)
+    return run_shift_demo(out, args.broker, kind=args.source)
 
 
 def _host_port(text: str) -> tuple[str, int]:

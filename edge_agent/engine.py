@@ -556,11 +556,18 @@ class Engine:
         Not only a False→True edge: a weighing finished while the agent was away (or whose
         edge was still queued when it stopped) shows up as a True newer than the last one taken.
         A duplicate or older notification is not a new weighing; on a fresh agent the first
-        True seen is a baseline (it may be an old weighing), as with counters.
+        True seen is a baseline (it may be an old weighing), as with counters. This needs the
+        device's own timestamp; without one (Modbus) only a False→True change is a weighing.
         """
         stable = _bool(event)
         at = event.source_time or event.received_at
-        if stable:
+        if stable and not event.device_time:
+            # a poll time (Modbus) is new at every read, so it cannot identify a weighing: only
+            # a False→True change the agent saw is one (a re-read never doubles a weighing)
+            if wc.stable is False:
+                wc.weighed_at = at
+                self._weighing(source, wc, event)
+        elif stable:
             first_sight = wc.stable is None and wc.weighed_at is None
             if first_sight or wc.weighed_at is None or at > wc.weighed_at:
                 wc.weighed_at = at

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from edge_agent.domain.quantities import fmt
 from edge_agent.logs import configure_logging
-from simulators.shift import Reconciliation, ShiftPlan, run_shift
+from simulators.shift import Reconciliation, ShiftPlan, SourceKind, run_shift
 
 
 def run_shift_demo(
@@ -27,14 +27,16 @@ def run_shift_demo(
     broker: tuple[str, int] | None,
     workdir: Path | None = None,
     plan: ShiftPlan | None = None,
+    kind: SourceKind = "opcua",
 ) -> int:
     plan = plan or ShiftPlan()
     where = f"the broker at {broker[0]}:{broker[1]}" if broker else "an embedded MQTT broker"
     out.print(
-        f"[bold]edge-agent demo[/bold] — a shift on the example line (config/line.toml): "
+        f"[bold]edge-agent demo[/bold] — a shift on the example line: "
         f"{', '.join(f'{o} × {n}' for o, n in plan.orders)} tubes of FG-100 through mixing "
         "(counters, flow meter, scale) and filling (operation-complete handshake).\n"
-        f"  OPC UA PLC simulator → edge-agent (daemon process) → {where} → MES simulator.\n"
+        f"  {'OPC UA' if kind == 'opcua' else 'Modbus TCP'} PLC simulator → edge-agent (daemon "
+        f"process) → {where} → MES simulator.\n"
         "  In the middle: the broker goes down"
         + (" (embedded broker only)" if broker else "")
         + ", and the agent is stopped while the PLC keeps counting.\n"
@@ -64,7 +66,7 @@ def run_shift_demo(
                     )
                 progress.update(task, completed=units, phase=what)
 
-            result = asyncio.run(run_shift(work, plan, broker, report))
+            result = asyncio.run(run_shift(work, plan, broker, report, kind=kind))
             progress.update(task, phase="done")
         _print(out, result, time.monotonic() - started)
     return 0 if result.ok else 1

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -27,13 +28,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import tomli_w
 
-from edge_agent.config import Config, OpcUaSource, parse_config
+from edge_agent.config import Config, parse_config
 from edge_agent.documents import load_master, load_orders_file
 from edge_agent.domain.backflush import ConsumptionState, ScaleReading, confirm, meter, weigh
+from edge_agent.domain.counters import quantity
 from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import MasterData, PostingMethod
 from edge_agent.domain.orders import WorkOrder
@@ -41,6 +43,7 @@ from edge_agent.domain.quantities import round_to_increment
 from edge_agent.store import Store
 from simulators.broker import EmbeddedBroker, free_port
 from simulators.mes import MesSimulator
+from simulators.modbus_plc import ModbusPlc
 from simulators.opcua_plc import LinePlc, Tally
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -120,11 +123,22 @@ class BrokerControl(Protocol):
     def running(self) -> bool: ...
 
 
+SourceKind = Literal["opcua", "modbus"]
+EXAMPLES: dict[str, str] = {"opcua": "line.toml", "modbus": "line-modbus.toml"}
+
+
 def agent_config(
-    workdir: Path, plc_port: int, broker: tuple[str, int], protocol: str, delivery: str
+    workdir: Path,
+    plc_port: int,
+    broker: tuple[str, int],
+    protocol: str,
+    delivery: str,
+    kind: SourceKind = "opcua",
 ) -> tuple[Config, Path]:
-    """The example line's configuration, pointed at this shift's PLC, broker and files."""
-    data: dict[str, Any] = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
+    """The example line's configuration (OPC UA or Modbus), pointed at this shift's PLC,
+    broker and files."""
+    example = (CONFIG_DIR / EXAMPLES[kind]).read_text()
+    data: dict[str, Any] = copy.deepcopy(tomllib.loads(example))
     data["store"]["path"] = str(workdir / "agent.db")
     data["mqtt"].update(
         host=broker[0],
@@ -141,7 +155,10 @@ def agent_config(
         "lots": str(CONFIG_DIR / "lots.json"),
     }
     for source in data["sources"]:
-        source["endpoint"] = f"opc.tcp://127.0.0.1:{plc_port}/edge-agent/sim/"
+        if kind == "opcua":
+            source["endpoint"] = f"opc.tcp://127.0.0.1:{plc_port}/edge-agent/sim/"
+        else:
+            source.update(host="127.0.0.1", port=plc_port)
         source.update(reconnect_min_ms=200, reconnect_max_ms=1000)
     path = workdir / "line.toml"
     path.write_text(tomli_w.dumps(data))
@@ -201,7 +218,10 @@ class AgentProcess:
                 self.check()
                 with self.log_path.open("rb") as f:
                     f.seek(self._mark)
-                    seen = f.read().count(b'"event": "opcua_connected"')
+                    log = f.read()
+                seen = log.count(b'"event": "opcua_connected"') + log.count(
+                    b'"event": "modbus_connected"'
+                )
                 if seen >= sources:
                     return
                 await asyncio.sleep(0.05)
@@ -221,6 +241,7 @@ async def run_shift(
     settle_timeout: float = 60.0,
     protocol: str | None = None,
     delivery: str = "mes-ack",
+    kind: SourceKind = "opcua",
 ) -> Reconciliation:
     """Run the shift; returns the reconciliation (``ok`` when nothing was lost or doubled).
 
@@ -240,16 +261,15 @@ async def run_shift(
         address = broker
     else:
         control, address = broker, (broker.host, broker.port)
-    config, config_path = agent_config(workdir, free_port(), address, protocol or "5", delivery)
-    first = config.sources[0]
-    assert isinstance(first, OpcUaSource)
-    plc_port = int(first.endpoint.rsplit(":", 1)[1].split("/")[0])
+    plc_port = free_port()
+    config, config_path = agent_config(workdir, plc_port, address, protocol or "5", delivery, kind)
     agent = AgentProcess(config_path, workdir / "agent.log")
     mes = MesSimulator.for_agent(
         config, workdir / "mes-ledger.db", client_id="mes-sim", mes_ack=True
     )
     try:
-        async with LinePlc(config, port=plc_port) as plc:
+        plc_class = LinePlc if kind == "opcua" else ModbusPlc
+        async with plc_class(config, port=plc_port) as plc:
             await asyncio.to_thread(mes.start, 20.0)
             agent.start()
             progress(0, "agent started", True)
@@ -257,7 +277,7 @@ async def run_shift(
             await _produce(plc, agent, control, plan, _planned(config), progress)
             progress(plan.units, "shift done: waiting for the MES to have everything", True)
             expected = expected_consumption(plc.totals, config)
-            await _settle(mes, expected, agent, settle_timeout)
+            await _settle(mes, expected, agent, Path(config.store.path), settle_timeout)
             progress(plan.units, "stopping the agent", False)
             code = agent.stop()
             if code != 0:
@@ -280,7 +300,7 @@ def _planned(config: Config) -> dict[str, Decimal]:
 
 
 async def _produce(
-    plc: LinePlc,
+    plc: LinePlc | ModbusPlc,
     agent: AgentProcess,
     broker: BrokerControl | None,
     plan: ShiftPlan,
@@ -323,7 +343,7 @@ async def _produce(
             await asyncio.sleep(plan.pace_s)
 
 
-async def _weigh(plc: LinePlc, planned: Decimal) -> None:
+async def _weigh(plc: LinePlc | ModbusPlc, planned: Decimal) -> None:
     """Weigh what the order's planned quantity needs (the agent checks the tolerance)."""
     # 0.5 kg per 100 tubes (config/masterdata.json, RM-ACTIVE) in a 0.5 kg tare bucket
     net = planned * Decimal("0.005")
@@ -331,7 +351,12 @@ async def _weigh(plc: LinePlc, planned: Decimal) -> None:
 
 
 async def _agent_restart(
-    plc: LinePlc, agent: AgentProcess, plan: ShiftPlan, order: str, made: int, progress: Progress
+    plc: LinePlc | ModbusPlc,
+    agent: AgentProcess,
+    plan: ShiftPlan,
+    order: str,
+    made: int,
+    progress: Progress,
 ) -> None:
     """Stop the agent; the PLC keeps counting and raises a request no one acknowledges."""
     progress(made, "agent stopped: the PLC keeps counting", True)
@@ -353,19 +378,28 @@ async def _settle(
     mes: MesSimulator,
     expected: dict[tuple[str, str, str], Decimal],
     agent: AgentProcess,
+    store: Path,
     timeout: float,
 ) -> bool:
-    """Wait until the ledger holds what is expected; False if it does not within ``timeout``
-    (the reconciliation then shows the difference)."""
+    """Wait until the ledger holds what is expected and the agent's outbox is empty (its
+    confirmations and exceptions delivered too); False if not within ``timeout`` (the
+    reconciliation then shows the difference)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             while True:
                 agent.check()
                 received = await asyncio.to_thread(mes.consumption)
-                if all(received.get(k, Decimal(0)) == v for k, v in expected.items()):
+                arrived = all(received.get(k, Decimal(0)) == v for k, v in expected.items())
+                if arrived and await asyncio.to_thread(_outbox_depth, store) == 0:
                     return True
                 await asyncio.sleep(0.2)
     return False
+
+
+def _outbox_depth(path: Path) -> int:
+    """The agent's outbox depth, read beside the running agent (WAL: readers do not block)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 
 def expected_consumption(
@@ -418,7 +452,8 @@ def _order_consumption(
         if flow is not None and tally.flow:
             component = bom.component(source.operation, flow.material, PostingMethod.METER)
             assert component is not None
-            state, p = meter(master, state, component, Decimal(tally.flow) * flow.scale, flow.uom)
+            metered = quantity(flow.counter_spec(), tally.flow)  # counts → units, as the engine
+            state, p = meter(master, state, component, metered, flow.uom)
             add(p.material, p.uom, p.quantity)
         scale = source.signals.scale
         if scale is not None:

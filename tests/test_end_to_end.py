@@ -25,7 +25,7 @@ PLAN = ShiftPlan(
 )
 
 
-def check(workdir: Path, result: Reconciliation) -> None:
+def check(workdir: Path, result: Reconciliation, connected_event: str = "opcua_connected") -> None:
     differences = [
         (x.order, x.material, x.expected, x.received) for x in result.lines if x.difference
     ]
@@ -42,6 +42,7 @@ def check(workdir: Path, result: Reconciliation) -> None:
     log = (workdir / "agent.log").read_text()
     assert log.count('"event": "agent_starting"') == 2
     assert log.count('"event": "agent_stopped"') == 2
+    assert log.count(f'"event": "{connected_event}"') >= 4  # two sources, two starts
     # every message id in the ledger is unique and names one message (a conflicting repeat,
     # the same id with another payload, would be a doubled posting in disguise)
     ledger = Ledger.existing(workdir / "mes-ledger.db")
@@ -69,3 +70,11 @@ async def test_shift_on_mosquitto_with_a_persistent_mes_session(
 async def test_shift_on_the_embedded_broker_with_mes_acknowledgements(tmp_path: Path) -> None:
     result = await run_shift(tmp_path, PLAN, None, delivery="mes-ack")
     check(tmp_path, result)
+
+
+@pytest.mark.asyncio
+async def test_shift_over_modbus_on_the_embedded_broker(tmp_path: Path) -> None:
+    """The same shift with the PLC, the scale and the flow meter on Modbus TCP (a real pymodbus
+    server): the engine cannot tell the difference, and neither can the ledger."""
+    result = await run_shift(tmp_path, PLAN, None, delivery="mes-ack", kind="modbus")
+    check(tmp_path, result, connected_event="modbus_connected")

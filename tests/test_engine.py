@@ -11,6 +11,7 @@ import json
 import tomllib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -419,3 +420,35 @@ async def test_a_lost_plc_connection_is_reported_once_and_its_return_too(
     await commit(engine, store)
     codes = [m.code.value for m in await outbox(store) if m.schema_name.endswith("exception")]
     assert codes == ["source_unreachable", "source_recovered", "source_unreachable"]
+
+
+@pytest.mark.asyncio
+async def test_without_device_timestamps_a_reread_never_doubles_a_weighing(
+    tmp_path: Path, store: Store
+) -> None:
+    """Modbus stamps values with the poll time: a re-read after a restart looks "newer"."""
+    clock = Clock()
+    line = Line(clock)
+    config = make_config(tmp_path)
+    engine = await load(config, store, clock)
+
+    def polled(signal: str, value: object, origin: Origin = Origin.CHANGE) -> SignalEvent:
+        return replace(line.event("MIX-1", signal, value, origin=origin), device_time=False)
+
+    for signal, value in (
+        ("order", "WO-7"),
+        ("scale.stable", False),
+        ("scale.tare", Decimal("0.5")),
+        ("scale.weight", Decimal("1.75")),
+        ("scale.stable", True),  # the weighing: a change the agent saw
+        ("scale.stable", True),  # the next poll: the same state
+    ):
+        engine.apply(polled(signal, value))
+    await commit(engine, store)
+    again = await load(config, store, clock)  # restarted: everything is read again
+    for signal, value in (("scale.weight", Decimal("1.75")), ("scale.stable", True)):
+        again.apply(polled(signal, value, Origin.READ))
+    await commit(again, store)
+    messages = await outbox(store)
+    assert consumed(messages) == {("WO-7", "RM-ACTIVE"): Decimal("1.250")}
+    assert not [m for m in messages if m.schema_name.endswith("exception")]

@@ -50,6 +50,9 @@ class SignalEvent:
     source_time: datetime | None
     received_at: datetime
     origin: Origin = Origin.CHANGE
+    #: True when ``source_time`` is the device's own timestamp (OPC UA); False when it is only
+    #: when the agent polled (Modbus), which tells nothing about when the value changed
+    device_time: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -431,6 +431,7 @@ class _Connection:
                         quality=quality,
                         status=status,
                         source_time=started,
+                        device_time=False,
                         received_at=received_at,
                         origin=origin,
                     )

@@ -77,7 +77,7 @@ from edge_agent.sources.modbus_codec import (
     encode,
     exception_code,
 )
-from simulators.opcua_plc import Tally, _port, _positive, _wait_port_free
+from simulators.opcua_plc import Tally, _port, _positive, _wait_port_free, produce_units
 
 COUNTERS: Final = ("good", "scrap", "flow")
 _TICK: Final = timedelta(microseconds=1)
@@ -695,46 +695,19 @@ class ModbusPlc:
         wc = self._wc(work_centre)
         wc.state = "producing"
         try:
-            await self._produce_units(
-                wc, units, rate_per_s, scrap_every, batch, flow_per_unit, ack_timeout
+            await produce_units(
+                self,
+                wc.name,
+                set(wc.fields),
+                units,
+                rate_per_s,
+                scrap_every,
+                batch,
+                flow_per_unit,
+                ack_timeout,
             )
         finally:
             wc.state = "idle"
-
-    async def _produce_units(
-        self,
-        wc: _WorkCentre,
-        units: int | None,
-        rate_per_s: float,
-        scrap_every: int,
-        batch: int,
-        flow_per_unit: int,
-        ack_timeout: float | None,
-    ) -> None:
-        work_centre = wc.name
-        handshake = "complete_request" in wc.fields
-        loop = asyncio.get_running_loop()
-        period = 1 / rate_per_s
-        due = loop.time()
-        made = good = scrap = 0
-        while units is None or made < units:
-            due = max(due + period, loop.time())
-            await asyncio.sleep(due - loop.time())
-            made += 1
-            is_scrap = scrap_every > 0 and made % scrap_every == 0
-            if flow_per_unit and "flow" in wc.fields:
-                await self.flow(work_centre, flow_per_unit)
-            if handshake:
-                good += not is_scrap
-                scrap += is_scrap
-                if good + scrap >= batch or made == units:
-                    await self.complete(work_centre, good, scrap, timeout=ack_timeout)
-                    good = scrap = 0
-            elif is_scrap:
-                if "scrap" in wc.fields:
-                    await self.produce(work_centre, scrap=1)
-            elif "good" in wc.fields:
-                await self.produce(work_centre, good=1)
 
     # ------------------------------------------------------------------ display
 

@@ -36,13 +36,13 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from asyncua import ua
 from asyncua.server.address_space import NodeData
@@ -490,47 +490,19 @@ class LinePlc:
         wc = self._wc(work_centre)
         wc.state = "producing"
         try:
-            await self._produce_units(
-                wc, units, rate_per_s, scrap_every, batch, flow_per_unit, ack_timeout
+            await produce_units(
+                self,
+                wc.name,
+                set(wc.variables),
+                units,
+                rate_per_s,
+                scrap_every,
+                batch,
+                flow_per_unit,
+                ack_timeout,
             )
         finally:
             wc.state = "idle"
-
-    async def _produce_units(
-        self,
-        wc: _WorkCentre,
-        units: int | None,
-        rate_per_s: float,
-        scrap_every: int,
-        batch: int,
-        flow_per_unit: int,
-        ack_timeout: float | None,
-    ) -> None:
-        work_centre = wc.name
-        handshake = "complete_request" in wc.variables
-        loop = asyncio.get_running_loop()
-        period = 1 / rate_per_s
-        due = loop.time()
-        made = good = scrap = 0
-        while units is None or made < units:
-            # a line that waited (for an acknowledge) does not make up for the time lost
-            due = max(due + period, loop.time())
-            await asyncio.sleep(due - loop.time())
-            made += 1
-            is_scrap = scrap_every > 0 and made % scrap_every == 0
-            if flow_per_unit and "flow" in wc.variables:
-                await self.flow(work_centre, flow_per_unit)
-            if handshake:
-                good += not is_scrap
-                scrap += is_scrap
-                if good + scrap >= batch or made == units:
-                    await self.complete(work_centre, good, scrap, timeout=ack_timeout)
-                    good = scrap = 0
-            elif is_scrap:
-                if "scrap" in wc.variables:
-                    await self.produce(work_centre, scrap=1)
-            elif "good" in wc.variables:
-                await self.produce(work_centre, good=1)
 
     # ------------------------------------------------------------------ display
 
@@ -565,6 +537,55 @@ class LinePlc:
                 wc.state,
             )
         return table
+
+
+class LineActions(Protocol):
+    """What :func:`produce_units` needs of a PLC simulator (OPC UA or Modbus)."""
+
+    async def flow(self, work_centre: str, counts: int) -> None: ...
+    async def produce(self, work_centre: str, good: int = 0, scrap: int = 0) -> None: ...
+    async def complete(
+        self, work_centre: str, good: int, scrap: int = 0, timeout: float | None = 10.0
+    ) -> None: ...
+
+
+async def produce_units(
+    plc: LineActions,
+    work_centre: str,
+    signals: Collection[str],
+    units: int | None,
+    rate_per_s: float,
+    scrap_every: int,
+    batch: int,
+    flow_per_unit: int,
+    ack_timeout: float | None,
+) -> None:
+    """The production loop of ``run_production``, for any simulator with these actions:
+    ``signals`` are the work centre's configured signal names."""
+    handshake = "complete_request" in signals
+    loop = asyncio.get_running_loop()
+    period = 1 / rate_per_s
+    due = loop.time()
+    made = good = scrap = 0
+    while units is None or made < units:
+        # a line that waited (for an acknowledge) does not make up for the time lost
+        due = max(due + period, loop.time())
+        await asyncio.sleep(due - loop.time())
+        made += 1
+        is_scrap = scrap_every > 0 and made % scrap_every == 0
+        if flow_per_unit and "flow" in signals:
+            await plc.flow(work_centre, flow_per_unit)
+        if handshake:
+            good += not is_scrap
+            scrap += is_scrap
+            if good + scrap >= batch or made == units:
+                await plc.complete(work_centre, good, scrap, timeout=ack_timeout)
+                good = scrap = 0
+        elif is_scrap:
+            if "scrap" in signals:
+                await plc.produce(work_centre, scrap=1)
+        elif "good" in signals:
+            await plc.produce(work_centre, good=1)
 
 
 def _ua_time(moment: datetime) -> ua.DateTime:

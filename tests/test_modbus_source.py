@@ -25,9 +25,8 @@ from edge_agent.config import Config, ModbusCounter
 from edge_agent.config import ModbusSource as ModbusSourceConfig
 from edge_agent.domain.counters import CounterState, read_counter
 from edge_agent.errors import SignalError
-from edge_agent.sources import Origin, Quality, SignalEvent, SourceStatus
+from edge_agent.sources import SIGNAL_ORDER, Origin, Quality, SignalEvent, SourceStatus
 from edge_agent.sources.modbus import ModbusSource
-from edge_agent.sources.opcua import SIGNAL_ORDER
 from simulators.modbus_plc import ModbusPlc, Tally, main
 from tests.support.broker import free_port
 from tests.support.modbus import EXAMPLE, REGISTER_HANDSHAKE, modbus_config, polls, running

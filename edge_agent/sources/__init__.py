@@ -7,12 +7,43 @@ quality; the engine decides what a value means.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol
+from typing import Final, Protocol
+
+#: The order in which a source emits the values of one read (after a (re)connect) and breaks
+#: ties between changes with the same timestamp: the order before a counter zeroed by the same
+#: order change, quantities before the handshake request that reports them, the request last.
+SIGNAL_ORDER: Final[tuple[str, ...]] = (
+    "order",
+    "good",
+    "scrap",
+    "flow",
+    "complete_good",
+    "complete_scrap",
+    "scale.tare",
+    "scale.weight",
+    "scale.stable",
+    "complete_ack",
+    "complete_request",
+)
+
+
+def backoff_delay(attempt: int, min_ms: int, max_ms: int, rng: random.Random) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (0 = the first after a loss).
+
+    ``min_ms`` doubling per attempt up to ``max_ms``, spread by jitter so that many sources
+    (or agents) that lost the same PLC do not reconnect in lockstep; never below ``min_ms`` or
+    above ``max_ms``.
+    """
+    base = min(max_ms, min_ms * 2 ** min(attempt, 32))
+    low = base if base < max_ms else max(min_ms, max_ms * 0.75)
+    high = min(max_ms, base * 1.5)
+    return rng.uniform(low, high) / 1000
 
 
 class Quality(StrEnum):

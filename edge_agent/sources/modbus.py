@@ -12,7 +12,7 @@ OPC UA source's. What registers mean is decoded by :mod:`edge_agent.sources.modb
 - **Connect.** A fresh :class:`pymodbus.client.AsyncModbusTcpClient` per connection, with
   pymodbus's own reconnect and retries off (this module decides). The first complete poll after
   each (re)connect is emitted with ``Origin.READ``, every signal, after
-  ``SourceStatus(connected=True)``, in :data:`~edge_agent.sources.opcua.SIGNAL_ORDER` (the order
+  ``SourceStatus(connected=True)``, in :data:`~edge_agent.sources.SIGNAL_ORDER` (the order
   first, ``complete_request`` last), so a delta missed while away is counted once.
 - **Polls.** Then every ``poll_interval_ms`` (a late poll is not made up for: no bursts), and
   only what changed since the last poll is emitted, value or quality (``Origin.CHANGE``), in
@@ -62,7 +62,16 @@ from pymodbus.pdu import ModbusPDU
 from edge_agent.config import ModbusCounter, ModbusRegister
 from edge_agent.config import ModbusSource as ModbusSourceConfig
 from edge_agent.errors import SignalError
-from edge_agent.sources import Emit, Origin, Quality, SignalEvent, SignalValue, SourceStatus
+from edge_agent.sources import (
+    SIGNAL_ORDER,
+    Emit,
+    Origin,
+    Quality,
+    SignalEvent,
+    SignalValue,
+    SourceStatus,
+    backoff_delay,
+)
 from edge_agent.sources.modbus_codec import (
     WRITABLE_TABLES,
     Data,
@@ -76,7 +85,6 @@ from edge_agent.sources.modbus_codec import (
     exception_name,
     plan_reads,
 )
-from edge_agent.sources.opcua import SIGNAL_ORDER, backoff_delay
 
 log = structlog.get_logger(__name__)
 

@@ -67,25 +67,19 @@ from asyncua.ua.uaerrors import UaError
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.config import Signals
 from edge_agent.errors import SignalError
-from edge_agent.sources import Emit, Origin, Quality, SignalEvent, SignalValue, SourceStatus
+from edge_agent.sources import (
+    SIGNAL_ORDER,
+    Emit,
+    Origin,
+    Quality,
+    SignalEvent,
+    SignalValue,
+    SourceStatus,
+    backoff_delay,
+)
 
 log = structlog.get_logger(__name__)
 
-#: Every signal name a source may carry, in the order the READ after a connect emits them; also
-#: the tie-break order of notifications that share a source timestamp.
-SIGNAL_ORDER: Final[tuple[str, ...]] = (
-    "order",
-    "good",
-    "scrap",
-    "flow",
-    "complete_good",
-    "complete_scrap",
-    "scale.tare",
-    "scale.weight",
-    "scale.stable",
-    "complete_ack",
-    "complete_request",
-)
 _RANK: Final = {name: rank for rank, name in enumerate(SIGNAL_ORDER)}
 
 #: the only nodes a deadband may filter: analog values, where a small change is noise
@@ -138,19 +132,6 @@ def signal_nodes(signals: Signals) -> dict[str, str]:
         "complete_request": signals.complete_request,
     }
     return {name: sig.node for name in SIGNAL_ORDER if (sig := configured[name]) is not None}
-
-
-def backoff_delay(attempt: int, min_ms: int, max_ms: int, rng: random.Random) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (0 = the first after a loss).
-
-    ``min_ms`` doubling per attempt up to ``max_ms``, spread by jitter so that many sources
-    (or agents) that lost the same PLC do not reconnect in lockstep; never below ``min_ms`` or
-    above ``max_ms``.
-    """
-    base = min(max_ms, min_ms * 2 ** min(attempt, 32))
-    low = base if base < max_ms else max(min_ms, max_ms * 0.75)
-    high = min(max_ms, base * 1.5)
-    return rng.uniform(low, high) / 1000
 
 
 def quality_of(status: ua.StatusCode | None) -> Quality:

@@ -621,3 +621,13 @@ def test_simulator_command_line_refuses_bad_arguments_and_configs(
     assert main(["--config", str(opcua)]) == 2
     assert "no Modbus source" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_each_poll_reads_the_handshake_request_before_its_quantities(config: Config) -> None:
+    """A poll is several requests, not one snapshot: the request's block is read first, so the
+    quantities read after it are the ones the PLC raised it with (never the previous ones)."""
+    fill = source(config, FILL)
+    first = fill.requests[0]
+    assert "complete_request" in {f.signal for f in first.fields}
+    later = {f.signal for r in fill.requests[1:] for f in r.fields}
+    assert {"complete_good", "complete_scrap"} <= later  # separate blocks in the example

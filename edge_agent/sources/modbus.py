@@ -170,6 +170,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def handshake_first(requests: list[ReadRequest]) -> list[ReadRequest]:
+    """The poll order: the block holding ``complete_request`` first, then the rest.
+
+    A poll of several requests is not one snapshot. The PLC writes the handshake quantities
+    before it raises the request and keeps them until the acknowledge, so quantities read
+    *after* a request was seen raised are that request's. Read the other way round, the PLC
+    could write new quantities and raise the request between the two reads, and the agent would
+    confirm the previous quantities (found by the end-to-end shift: a handshake of 10 posted 0).
+    """
+    return sorted(requests, key=lambda r: all(f.signal != "complete_request" for f in r.fields))
+
+
 class ModbusSource:
     """One Modbus TCP connection serving one work centre; implements the ``Source`` protocol."""
 
@@ -179,7 +191,7 @@ class ModbusSource:
         self._rng = rng or random.Random()
         self._timeout_s = config.timeout_ms / 1000
         self._fields = signal_fields(config)
-        self._requests = plan_reads(self._fields.values(), config.max_gap)
+        self._requests = handshake_first(plan_reads(self._fields.values(), config.max_gap))
         self._connection: _Connection | None = None
         self._last_stamp = datetime.min.replace(tzinfo=UTC)
 

@@ -26,7 +26,8 @@ from edge_agent.config import ModbusSource as ModbusSourceConfig
 from edge_agent.domain.counters import CounterState, read_counter
 from edge_agent.errors import SignalError
 from edge_agent.sources import SIGNAL_ORDER, Origin, Quality, SignalEvent, SourceStatus
-from edge_agent.sources.modbus import ModbusSource
+from edge_agent.sources.modbus import ModbusSource, triggers_first
+from edge_agent.sources.modbus_codec import Field, ReadRequest, Role
 from simulators.modbus_plc import ModbusPlc, Tally, main
 from tests.support.broker import free_port
 from tests.support.modbus import EXAMPLE, REGISTER_HANDSHAKE, modbus_config, polls, running
@@ -170,8 +171,8 @@ async def test_one_request_per_coalesced_block_not_one_per_signal(
 ) -> None:
     mix = source(config, MIX)
     assert [(r.unit, r.table, r.address, r.count) for r in mix.requests] == [
+        (2, "input", 0, 5),  # the scale indicator (weight, tare, status word): stable is a trigger
         (1, "holding", 0, 22),  # order, good, scrap and the flow totalizer
-        (2, "input", 0, 5),  # the scale indicator: weight, tare, status word
     ]
     rec = Recorder()
     async with running(mix, rec):
@@ -179,21 +180,21 @@ async def test_one_request_per_coalesced_block_not_one_per_signal(
         start = len(plc.requests)
         await polls(plc, 20)
     served = plc.requests[start:]
-    while served[0].unit != 1:  # the test may have resumed in the middle of a poll
+    while served[0].unit != 2:  # the test may have resumed in the middle of a poll
         served = served[1:]
     blocks = {(r.unit, r.table, r.address, r.count) for r in served}
     assert blocks == {(1, "holding", 0, 22), (2, "input", 0, 5)}
     # a poll is one request per block, in plan order
     polled = [(r.unit, r.address) for r in served]
     pairs = polled[: len(polled) // 2 * 2]
-    assert pairs == [(1, 0), (2, 0)] * (len(pairs) // 2)
+    assert pairs == [(2, 0), (1, 0)] * (len(pairs) // 2)
 
     # with no gap allowed, the totalizer (8 registers further) is a request of its own
     tight = source(modbus_config(free_port(), tmp_path, max_gap=0), MIX)
     assert [(r.table, r.address, r.count) for r in tight.requests] == [
+        ("input", 0, 5),
         ("holding", 0, 13),
         ("holding", 20, 2),
-        ("input", 0, 5),
     ]
 
 
@@ -631,3 +632,19 @@ def test_each_poll_reads_the_handshake_request_before_its_quantities(config: Con
     assert "complete_request" in {f.signal for f in first.fields}
     later = {f.signal for r in fill.requests[1:] for f in r.fields}
     assert {"complete_good", "complete_scrap"} <= later  # separate blocks in the example
+
+
+def test_triggers_are_read_before_the_values_they_qualify() -> None:
+    def request(address: int, *signals: str) -> ReadRequest:
+        fields = tuple(
+            Field(signal=s, table="holding", address=address + i, type="uint16", role=Role.QUANTITY)
+            for i, s in enumerate(signals)
+        )
+        return ReadRequest(1, "holding", address, len(signals), fields)
+
+    values = request(0, "complete_good", "scale.weight")
+    stable = request(100, "scale.stable")
+    handshake = request(200, "complete_request")
+    ordered = triggers_first([values, stable, handshake])
+    assert ordered[-1] is values
+    assert {id(r) for r in ordered[:2]} == {id(stable), id(handshake)}

@@ -170,16 +170,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def handshake_first(requests: list[ReadRequest]) -> list[ReadRequest]:
-    """The poll order: the block holding ``complete_request`` first, then the rest.
+#: signals that say "the values beside me are ready": read before those values in every poll
+TRIGGERS = frozenset({"complete_request", "scale.stable"})
+
+
+def triggers_first(requests: list[ReadRequest]) -> list[ReadRequest]:
+    """The poll order: the blocks holding a trigger (``complete_request``, ``scale.stable``)
+    first, then the rest.
 
     A poll of several requests is not one snapshot. The PLC writes the handshake quantities
-    before it raises the request and keeps them until the acknowledge, so quantities read
-    *after* a request was seen raised are that request's. Read the other way round, the PLC
-    could write new quantities and raise the request between the two reads, and the agent would
-    confirm the previous quantities (found by the end-to-end shift: a handshake of 10 posted 0).
+    before it raises the request and keeps them until the acknowledge (a scale indicator its
+    weight before it reports stable), so values read *after* a trigger was seen are the ones it
+    belongs to. Read the other way round, the PLC could write new quantities and raise the
+    request between the two reads, and the agent would confirm the previous quantities (found by
+    the end-to-end shift: a handshake of 10 units posted as 0).
     """
-    return sorted(requests, key=lambda r: all(f.signal != "complete_request" for f in r.fields))
+    return sorted(requests, key=lambda r: not any(f.signal in TRIGGERS for f in r.fields))
 
 
 class ModbusSource:
@@ -191,7 +197,7 @@ class ModbusSource:
         self._rng = rng or random.Random()
         self._timeout_s = config.timeout_ms / 1000
         self._fields = signal_fields(config)
-        self._requests = handshake_first(plan_reads(self._fields.values(), config.max_gap))
+        self._requests = triggers_first(plan_reads(self._fields.values(), config.max_gap))
         self._connection: _Connection | None = None
         self._last_stamp = datetime.min.replace(tzinfo=UTC)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,9 @@ from edge_agent.uplink.mqtt import MqttUplink
 log = structlog.get_logger(__name__)
 
 ACK_WRITE_TIMEOUT_S = 5.0
+#: a stop that takes longer ends the process (exit 4); below systemd's TimeoutStopSec (30 s)
+SHUTDOWN_DEADLINE_S = 20.0
+EXIT_SHUTDOWN_TIMED_OUT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,25 @@ def plc_sources(config: Config) -> list[Source]:
     ]
 
 
+async def cancel_until_done(tasks: Sequence[asyncio.Task[None]], every_s: float = 0.5) -> None:
+    """Cancel ``tasks`` and cancel again until they have ended.
+
+    A library may swallow a cancellation (asyncua's ``Client.disconnect`` does; on Python 3.11
+    ``asyncio.timeout`` can turn a cancellation that lands as its deadline expires into a
+    TimeoutError, which a source takes for a lost connection and reconnects): one cancel is
+    then not enough to stop a source, and shutdown would hang.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=every_s)
+        if loop.time() - started > 5 * every_s and any(not t.done() for t in pending):
+            log.warning("task_slow_to_stop", tasks=[t.get_name() for t in pending if not t.done()])
+            started = loop.time()
+
+
 class Agent:
     """One agent run. ``await agent.run(stop)`` until ``stop`` is set (SIGTERM, SIGINT)."""
 
@@ -151,13 +175,12 @@ class Agent:
                     )
                     stopped.cancel()
                     log.info("agent_stopping")
-                    for task in source_tasks:
-                        task.cancel()
-                    await asyncio.gather(*source_tasks, return_exceptions=True)
+                    await cancel_until_done(source_tasks)
+                    log.info("sources_stopped")
                     if not engine_task.done():
                         engine.stop()
                         await engine_task
-                    uplink_task.cancel()
+                    await cancel_until_done([uplink_task])
             log.info("agent_stopped", outbox=await store.outbox_depth())
 
 
@@ -167,8 +190,18 @@ def serve(config: Config) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def request_stop() -> None:
+            if not stop.is_set():
+                stop.set()
+                # the last resort: what is committed is safe on disk, so a shutdown that hangs
+                # (a library that ignores cancellation) ends the process rather than wait forever
+                watchdog = threading.Timer(SHUTDOWN_DEADLINE_S, _give_up)
+                watchdog.daemon = True  # a clean exit does not wait for it
+                watchdog.start()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, request_stop)
         await Agent(config).run(stop)
 
     try:
@@ -181,6 +214,11 @@ def serve(config: Config) -> int:
             raise cause from None
         raise
     return 0
+
+
+def _give_up() -> None:
+    log.error("shutdown_timed_out", after_s=SHUTDOWN_DEADLINE_S)
+    os._exit(EXIT_SHUTDOWN_TIMED_OUT)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

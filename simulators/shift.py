@@ -193,7 +193,7 @@ class AgentProcess:
         log.close()
         self.starts += 1
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Stop it (SIGTERM: the clean shutdown) and return its exit code."""
         if self.process is None:
             return 0

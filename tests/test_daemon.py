@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from edge_agent.agent import load_documents
+from edge_agent.agent import cancel_until_done, load_documents
 from edge_agent.cli import main
 from edge_agent.config import load_config
 from edge_agent.engine import Engine
@@ -140,3 +140,26 @@ async def _a_short_run(config_path: Path, db: Path) -> None:
         uow = UnitOfWork()
         engine.stage(uow)
         await store.commit_units([uow])
+
+
+@pytest.mark.asyncio
+async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
+    """A library that swallows one cancellation must not hang the agent's shutdown."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed >= 3:
+                    raise
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    async with asyncio.timeout(10):
+        await cancel_until_done([task], every_s=0.01)
+    assert task.cancelled()
+    assert swallowed == 3

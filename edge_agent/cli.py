@@ -1,8 +1,8 @@
 """Command line: ``edge-agent run``, ``demo``, ``validate``, ``status`` and ``calc``.
 
 Exit codes: 0 success, 2 bad arguments, configuration or master data (with a message naming the
-field and the value), 3 a store the agent cannot trust (damaged, newer schema), 1 anything else
-that stops the agent.
+field and the value), 3 a store the agent cannot trust (damaged, newer schema), 4 a stop that did
+not finish within 20 s of SIGTERM, 1 anything else that stops the agent.
 """
 
 from __future__ import annotations

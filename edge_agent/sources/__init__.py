@@ -7,6 +7,7 @@ quality; the engine decides what a value means.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -97,6 +98,22 @@ class SourceStatus:
 
 
 Emit = Callable[[SignalEvent | SourceStatus], Awaitable[None]]
+Push = Callable[[SignalEvent | SourceStatus], None]
+
+
+async def run_delivering(name: str, produce: Callable[[Push], Awaitable[None]], emit: Emit) -> None:
+    """Run a source's ``produce(push)`` loop while one task hands what it pushes to ``emit``,
+    in order: a slow engine delays delivery, never the protocol's own loop (a poll, asyncua's
+    receive path, an acknowledge write the engine makes meanwhile). Until cancelled."""
+    queue: asyncio.Queue[SignalEvent | SourceStatus] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            await emit(await queue.get())
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(deliver(), name=f"{name}.deliver")
+        await produce(queue.put_nowait)
 
 
 class Source(Protocol):

@@ -71,6 +71,7 @@ from edge_agent.sources import (
     SignalValue,
     SourceStatus,
     backoff_delay,
+    run_delivering,
 )
 from edge_agent.sources.modbus_codec import (
     WRITABLE_TABLES,
@@ -233,15 +234,7 @@ class ModbusSource:
 
     async def run(self, emit: Emit) -> None:
         """Connect, poll and emit until cancelled; reconnect with back-off."""
-        queue: asyncio.Queue[SignalEvent | SourceStatus] = asyncio.Queue()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._deliver(queue, emit), name=f"modbus[{self.name}].deliver")
-            await self._connect_loop(queue.put_nowait)
-
-    async def _deliver(self, queue: asyncio.Queue[SignalEvent | SourceStatus], emit: Emit) -> None:
-        # a slow engine delays delivery, never the polls (and not a write it makes meanwhile)
-        while True:
-            await emit(await queue.get())
+        await run_delivering(f"modbus[{self.name}]", self._connect_loop, emit)
 
     async def _connect_loop(self, push: Callable[[SignalEvent | SourceStatus], None]) -> None:
         reported: bool | None = None  # the connection state last emitted

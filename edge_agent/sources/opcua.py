@@ -76,6 +76,7 @@ from edge_agent.sources import (
     SignalValue,
     SourceStatus,
     backoff_delay,
+    run_delivering,
 )
 
 log = structlog.get_logger(__name__)
@@ -259,14 +260,7 @@ class OpcUaSource:
 
     async def run(self, emit: Emit) -> None:
         """Connect, read, subscribe and emit until cancelled; reconnect with back-off."""
-        queue: asyncio.Queue[SignalEvent | SourceStatus] = asyncio.Queue()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._deliver(queue, emit), name=f"opcua[{self.name}].deliver")
-            await self._connect_loop(queue.put_nowait)
-
-    async def _deliver(self, queue: asyncio.Queue[SignalEvent | SourceStatus], emit: Emit) -> None:
-        while True:
-            await emit(await queue.get())
+        await run_delivering(f"opcua[{self.name}]", self._connect_loop, emit)
 
     async def _connect_loop(self, push: Callable[[SignalEvent | SourceStatus], None]) -> None:
         endpoint = self.config.endpoint

@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -58,13 +57,10 @@ from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from rich.console import Console
-from rich.live import Live
 from rich.table import Table as RichTable
 
-from edge_agent.config import Config, load_config
+from edge_agent.config import Config
 from edge_agent.config import ModbusSource as ModbusSourceConfig
-from edge_agent.errors import ConfigError
 from edge_agent.sources import SignalValue
 from edge_agent.sources.modbus import signal_fields
 from edge_agent.sources.modbus_codec import (
@@ -77,6 +73,7 @@ from edge_agent.sources.modbus_codec import (
     encode,
     exception_code,
 )
+from simulators.cli import run_simulator
 from simulators.opcua_plc import Tally, _port, _positive, _wait_port_free, produce_units
 
 COUNTERS: Final = ("good", "scrap", "flow")
@@ -210,6 +207,11 @@ class ModbusPlc:
             owners.append((wc, name))
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def work_centres(self) -> list[str]:
+        """The work centres this simulator serves."""
+        return list(self._work_centres)
 
     @property
     def endpoint(self) -> str:
@@ -769,52 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(plc: ModbusPlc, args: argparse.Namespace, console: Console) -> None:
-    async with plc:
-        for wc in plc._work_centres:
-            await plc.set_order(wc, args.order)
-        async with asyncio.TaskGroup() as tg:
-            for wc in plc._work_centres:
-                tg.create_task(
-                    plc.run_production(
-                        wc, None, args.rate, args.scrap_every, flow_per_unit=args.flow_per_unit
-                    ),
-                    name=f"produce[{wc}]",
-                )
-            with Live(plc.table(), console=console, refresh_per_second=4) as live:
-                while True:
-                    await asyncio.sleep(0.25)
-                    live.update(plc.table())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
-    logging.getLogger("pymodbus").setLevel(logging.ERROR)
-    err = Console(stderr=True)
-    if args.scrap_every < 0:
-        err.print("error: --scrap-every must not be negative")
-        return 2
-    try:
-        config = load_config(args.config)
-        plc = ModbusPlc(config, host=args.host, port=args.port)
-    except ConfigError as exc:
-        err.print(
-            f"error: invalid configuration {str(args.config)!r}:", highlight=False, markup=False
-        )
-        for problem in exc.problems:
-            err.print(f"  {problem}", highlight=False, markup=False)
-        return 2
-    except ValueError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
-        return 2
-    try:
-        asyncio.run(_serve(plc, args, Console()))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        err.print(f"error: cannot serve {plc.endpoint}: {exc}", highlight=False, markup=False)
-        return 1
-    return 0
+    return run_simulator(
+        build_parser(), argv, lambda c, h, p: ModbusPlc(c, host=h, port=p), "pymodbus"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import socket
 import sys
 from collections.abc import Collection, Sequence
@@ -49,14 +48,12 @@ from asyncua.server.address_space import NodeData
 from asyncua.server.server import Server
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
-from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
-from edge_agent.config import Config, CounterSignal, load_config
+from edge_agent.config import Config, CounterSignal
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
-from edge_agent.errors import ConfigError
 from edge_agent.sources.opcua import signal_nodes
+from simulators.cli import run_simulator
 
 NAMESPACE: Final = "urn:edge-agent:sim"
 COUNTERS: Final = ("good", "scrap", "flow")
@@ -166,6 +163,11 @@ class LinePlc:
         return _Variable(signal, address, node_id, vtype, width, value, self._stamp())
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def work_centres(self) -> list[str]:
+        """The work centres this simulator serves."""
+        return list(self._work_centres)
 
     @property
     def endpoint(self) -> str:
@@ -659,58 +661,10 @@ def _positive(text: str) -> float:
     return value
 
 
-async def _serve(plc: LinePlc, args: argparse.Namespace, console: Console) -> None:
-    async with plc:
-        for wc in plc.config.place.work_centres:
-            if any(s.work_centre == wc for s in plc.config.sources):
-                await plc.set_order(wc, args.order)
-        async with asyncio.TaskGroup() as tg:
-            for source in plc.config.sources:
-                tg.create_task(
-                    plc.run_production(
-                        source.work_centre,
-                        None,
-                        args.rate,
-                        args.scrap_every,
-                        flow_per_unit=args.flow_per_unit,
-                    ),
-                    name=f"produce[{source.work_centre}]",
-                )
-            with Live(plc.table(), console=console, refresh_per_second=4) as live:
-                while True:
-                    await asyncio.sleep(0.25)
-                    live.update(plc.table())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
-    # asyncua warns at every start that only the unsecured endpoint is offered: it is on purpose
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-    err = Console(stderr=True)
-    if args.scrap_every < 0:
-        err.print("error: --scrap-every must not be negative")
-        return 2
-    try:
-        config = load_config(args.config)
-        plc = LinePlc(config, host=args.host, port=args.port)
-    except ConfigError as exc:
-        err.print(
-            f"error: invalid configuration {str(args.config)!r}:", highlight=False, markup=False
-        )
-        for problem in exc.problems:
-            err.print(f"  {problem}", highlight=False, markup=False)
-        return 2
-    except ValueError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
-        return 2
-    try:
-        asyncio.run(_serve(plc, args, Console()))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        err.print(f"error: cannot serve {plc.endpoint}: {exc}", highlight=False, markup=False)
-        return 1
-    return 0
+    return run_simulator(
+        build_parser(), argv, lambda c, h, p: LinePlc(c, host=h, port=p), "asyncua"
+    )
 
 
 if __name__ == "__main__":

@@ -172,7 +172,20 @@ class CounterSignal(NodeSignal):
         return CounterSpec(self.width, self.scale)
 
 
-class FlowSignal(CounterSignal):
+class FeedTiming(_Section):
+    """How a flow totalizer is posted: per time slice, bound to the feed's lots after a lag.
+
+    ``slice_s``: a posting every this many seconds (on the minute grid for 60 s), and at every
+    operation complete and order change. ``lag_s``: the hold-up between the feed (tank, silo,
+    IBC) and the meter: material passing the meter at t left the feed at t − lag, so a lot
+    change-over in the feed reaches the meter ``lag_s`` later. See docs/feeds.md.
+    """
+
+    slice_s: int = Field(default=60, ge=1, le=86_400)
+    lag_s: DecimalStr = Field(default=Decimal(0), ge=0, le=86_400)
+
+
+class FlowSignal(CounterSignal, FeedTiming):
     """A flow-meter totalizer feeding a `meter` BOM line."""
 
     uom: UnitCode
@@ -201,6 +214,8 @@ class Signals(_Section):
     complete_good: NodeSignal | None = None
     complete_scrap: NodeSignal | None = None
     flow: FlowSignal | None = None
+    #: the lot in the feed (tank, silo, IBC) of the flow meter, as the PLC shows it
+    feed_lot: NodeSignal | None = None
     scale: ScaleSignals | None = None
 
     @model_validator(mode="after")
@@ -236,6 +251,8 @@ def _check_signal_set(signals: Signals | ModbusSignals) -> None:
             "complete_request and complete_ack go together: the agent acknowledges each "
             "request it has committed"
         )
+    if signals.feed_lot is not None and signals.flow is None:
+        raise ValueError("feed_lot is the lot feeding the flow meter: it needs a flow signal")
     if (signals.complete_good or signals.complete_scrap) and not signals.complete_request:
         raise ValueError("complete_good/complete_scrap need the complete_request handshake")
     if not (signals.good or signals.complete_request or signals.flow or signals.scale):
@@ -397,6 +414,12 @@ class ModbusText(_ExactRegister):
     _types: ClassVar[tuple[ModbusType, ...]] = ("string",)
 
 
+class ModbusLot(ModbusText):
+    """The lot id in a feed (tank, silo, IBC): an ASCII string of ``length`` registers."""
+
+    _what: ClassVar[str] = "the lot id"
+
+
 class ModbusFlag(_ExactRegister):
     """A flag: a coil, a discrete input, a bit of a register, or a whole register (not 0)."""
 
@@ -439,6 +462,9 @@ class ModbusCounter(ModbusRegister):
     _types: ClassVar[tuple[ModbusType, ...]] = ("uint16", "uint32", "uint64", "float32")
 
     rollover: DecimalStr | None = Field(default=None, gt=0, validate_default=True)
+    #: a decrease of at most this much (engineering units, whole counts) is a wobble of the
+    #: device's value, not a reset: it counts nothing and what rises past the last value counts
+    jitter: DecimalStr = Field(default=Decimal(0), ge=0)
 
     @field_validator("scale")
     @classmethod
@@ -499,17 +525,29 @@ class ModbusCounter(ModbusRegister):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _jitter_in_counts(self) -> Self:
+        step = self._step()
+        if step is not None and (Fraction(self.jitter) / Fraction(step)).denominator != 1:
+            raise ValueError(f"jitter {self.jitter} must be a whole number of counts of {step}")
+        return self
+
+    def _step(self) -> Decimal | None:
+        return self.resolution if self.type == "float32" else self.scale
+
     def counter_spec(self) -> CounterSpec:
         """How the engine counts the counts the source emits: ``scale`` (a float32: its
         ``resolution``) engineering units each, rolling over at the width or ``rollover``."""
+        step = self._step()
+        assert step is not None
+        jitter = int(Fraction(self.jitter) / Fraction(step))
         if self.type == "float32":
-            assert self.resolution is not None
             assert self.rollover is not None
-            return CounterSpec(None, self.resolution, rollover_at=self._counts(self.resolution))
+            return CounterSpec(None, step, rollover_at=self._counts(step), jitter=jitter)
         assert self.type is not None
         width = WIDTH[self.type]
         rollover_at = self._counts(self.scale) if self.rollover is not None else None
-        return CounterSpec(width, self.scale, rollover_at=rollover_at)
+        return CounterSpec(width, self.scale, rollover_at=rollover_at, jitter=jitter)
 
     def _counts(self, step: Decimal) -> int:
         assert self.rollover is not None
@@ -518,7 +556,7 @@ class ModbusCounter(ModbusRegister):
         return int(counts)
 
 
-class ModbusFlow(ModbusCounter):
+class ModbusFlow(ModbusCounter, FeedTiming):
     """A flow-meter totalizer feeding a `meter` BOM line."""
 
     uom: UnitCode
@@ -556,6 +594,7 @@ class ModbusSignals(_Section):
     complete_good: ModbusQuantity | None = None
     complete_scrap: ModbusQuantity | None = None
     flow: ModbusFlow | None = None
+    feed_lot: ModbusLot | None = None
     scale: ModbusScaleSignals | None = None
 
     @model_validator(mode="after")

@@ -27,14 +27,23 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Protocol
+from itertools import pairwise
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from edge_agent.config import Config, CounterConfig, CounterSignal, ModbusCounter, SourceConfig
+from edge_agent.config import (
+    Config,
+    CounterConfig,
+    CounterSignal,
+    FlowSignal,
+    ModbusCounter,
+    ModbusFlow,
+    SourceConfig,
+)
 from edge_agent.domain.backflush import (
     RULE_VERSION,
     ComponentPosting,
@@ -56,14 +65,33 @@ from edge_agent.domain.counters import (
     read_counter,
 )
 from edge_agent.domain.explosion import ComponentKey, ExplodedBom, explode
-from edge_agent.domain.lots import Binding, BindingState, Lot, bind
+from edge_agent.domain.feeds import (
+    EPOCH,
+    FeedCarry,
+    FeedStaging,
+    SlicePart,
+    TotalizerReading,
+    due_slices,
+    record_slice,
+    slice_feed,
+    totalizer_at,
+)
+from edge_agent.domain.lots import Binding, BindingState, Held, Lot, bind
 from edge_agent.domain.masterdata import MasterData, PostingMethod, parse_decimal
 from edge_agent.domain.orders import WorkOrder
-from edge_agent.domain.quantities import Rounding, fmt, round_to_increment, to_decimal
+from edge_agent.domain.quantities import (
+    Exact,
+    Rounding,
+    conversion_factor,
+    fmt,
+    round_to_increment,
+    to_decimal,
+)
 from edge_agent.errors import ConsumptionError, EdgeAgentError, SignalError
 from edge_agent.messages import (
     ExceptionCode,
     ExceptionMessage,
+    FeedWindow,
     HeldPart,
     LotMovement,
     MaterialConsumed,
@@ -75,7 +103,7 @@ from edge_agent.messages import (
     message_id,
     wire_time,
 )
-from edge_agent.sources import Quality, SignalEvent, SourceStatus
+from edge_agent.sources import Origin, Quality, SignalEvent, SourceStatus
 from edge_agent.store import Store, UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -84,6 +112,7 @@ MAX_BATCH = 500
 COUNTERS = ("good", "scrap", "flow")
 NO_ORDER = ""
 
+FlowConfig = FlowSignal | ModbusFlow
 AnyMessage = MaterialConsumed | ProductionConfirmation | ExceptionMessage
 
 
@@ -92,6 +121,76 @@ class PlcWriter(Protocol):
 
 
 # ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class FeedState:
+    """A work centre's flow meter as a continuous feed (docs/feeds.md): persisted in its
+    ``wc/{name}`` state, in one transaction with the postings and the counter state.
+
+    ``total`` is the flow counted so far (the flow signal's unit, exact, unwrapped from
+    rollovers and resets), ``readings`` the (moment, total) readings after ``until``, the end of
+    the last slice posted, where the total was ``until_total`` (None: no reading yet).
+    ``staging`` is the feed's lot history (moment, lot id as the PLC shows it), ``orders`` which
+    order was in effect from when, ``boundaries`` the extra slice ends still to post (operation
+    completes, order changes). Each is pruned to what the next slice can still need.
+    """
+
+    total: Decimal = Decimal(0)
+    until: datetime | None = None
+    until_total: Fraction = Fraction(0)
+    readings: list[tuple[datetime, Decimal]] = field(default_factory=list)
+    staging: list[tuple[datetime, str]] = field(default_factory=list)
+    orders: list[tuple[datetime, str | None]] = field(default_factory=list)
+    boundaries: list[datetime] = field(default_factory=list)
+
+    @property
+    def last(self) -> tuple[datetime, Fraction] | None:
+        """The latest reading (the anchor at ``until`` when none came since)."""
+        if self.readings:
+            at, total = self.readings[-1]
+            return at, Fraction(total)
+        return None if self.until is None else (self.until, self.until_total)
+
+    def timeline(self) -> list[TotalizerReading]:
+        """The readings from ``until`` on, the anchor first (in the flow signal's unit)."""
+        assert self.until is not None
+        return [
+            TotalizerReading(self.until, self.until_total),
+            *(TotalizerReading(at, total) for at, total in self.readings if at > self.until),
+        ]
+
+    def order_at(self, moment: datetime) -> str | None:
+        order = None
+        for start, value in self.orders:
+            if start > moment:
+                break
+            order = value
+        return order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": str(self.total),
+            "until": self.until.isoformat() if self.until else None,
+            "until_total": str(self.until_total),
+            "readings": [[at.isoformat(), str(total)] for at, total in self.readings],
+            "staging": [[at.isoformat(), lot] for at, lot in self.staging],
+            "orders": [[at.isoformat(), order] for at, order in self.orders],
+            "boundaries": [at.isoformat() for at in self.boundaries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeedState:
+        until = d.get("until")
+        return cls(
+            parse_decimal(d.get("total", "0")),
+            datetime.fromisoformat(until) if until else None,
+            Fraction(d.get("until_total", "0")),
+            [(datetime.fromisoformat(a), parse_decimal(t)) for a, t in d.get("readings", [])],
+            [(datetime.fromisoformat(a), lot) for a, lot in d.get("staging", [])],
+            [(datetime.fromisoformat(a), order) for a, order in d.get("orders", [])],
+            [datetime.fromisoformat(a) for a in d.get("boundaries", [])],
+        )
 
 
 @dataclass
@@ -110,6 +209,7 @@ class WorkCentreState:
     #: source time of the stable=True last taken as a weighing (or baselined on first sight)
     weighed_at: datetime | None = None
     bad_signals: dict[str, str] = field(default_factory=dict)  # signal → status, while not good
+    feed: FeedState | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +230,7 @@ class WorkCentreState:
             "stable": self.stable,
             "weighed_at": self.weighed_at.isoformat() if self.weighed_at else None,
             "bad_signals": self.bad_signals,
+            "feed": self.feed.to_dict() if self.feed else None,
         }
 
     @classmethod
@@ -152,6 +253,7 @@ class WorkCentreState:
             stable=d.get("stable"),
             weighed_at=datetime.fromisoformat(d["weighed_at"]) if d.get("weighed_at") else None,
             bad_signals=dict(d.get("bad_signals", {})),
+            feed=FeedState.from_dict(d["feed"]) if d.get("feed") else None,
         )
 
 
@@ -529,9 +631,9 @@ class Engine:
         elif signal == "flow":
             assert sigs.flow is not None
             counts = self._count(source, wc, event, sigs.flow)
-            if counts:
-                amount = quantity(sigs.flow.counter_spec(), counts)
-                self._meter(source, wc.order, sigs.flow.material, amount, sigs.flow.uom, event)
+            self._feed_reading(source, wc, event, quantity(sigs.flow.counter_spec(), counts))
+        elif signal == "feed_lot":
+            self._feed_lot(source, wc, event)
         elif signal in ("complete_good", "complete_scrap"):
             value = _int(event)
             if value < 0:
@@ -587,8 +689,9 @@ class Engine:
             return
         log.info("order_changed", work_centre=source.work_centre, order=order, previous=wc.order)
         wc.order = order or None
+        at = event.source_time or event.received_at
+        self._feed_order(source, wc, at, wc.order, _trigger(event))
         if source.counters_reset_on_order_change:
-            at = event.source_time or event.received_at
             wc.counters = {name: CounterState(0, at) for name in COUNTERS if _counter(source, name)}
         self._dirty.add(f"wc/{source.work_centre}")
         if order:
@@ -604,6 +707,8 @@ class Engine:
         )
         if reading.change is CounterChange.STALE:
             return 0
+        if reading.change is CounterChange.UNCHANGED and event.origin is Origin.REFRESH:
+            return 0  # "still the same": nothing to count, nothing to persist
         if reading.state != state:
             wc.counters[event.signal] = reading.state
             self._dirty.add(f"wc/{source.work_centre}")
@@ -633,6 +738,7 @@ class Engine:
         if action is HandshakeAction.NONE:
             return []
         if action is HandshakeAction.PROCESS:
+            self._feed_boundary(source, wc, event.source_time or event.received_at)
             good, scrap = Decimal(wc.complete_good or 0), Decimal(wc.complete_scrap or 0)
             self._confirm(source, wc.order, good, scrap, event)
             wc.handshake = after(wc.handshake, action)
@@ -672,7 +778,7 @@ class Engine:
         return self._boms[key]
 
     def _known(
-        self, source: SourceConfig, order: str | None, pending: dict[str, Any], event: SignalEvent
+        self, source: SourceConfig, order: str | None, pending: dict[str, Any], trigger: Trigger
     ) -> OrderState | None:
         """The order's state when its master data is known; else keep ``pending`` for later."""
         state = self._order(order or NO_ORDER)
@@ -691,7 +797,7 @@ class Engine:
                 "once the order is known",
                 order,
                 source.operation,
-                trigger=_trigger(event),
+                trigger=trigger,
             )
         return None
 
@@ -712,7 +818,7 @@ class Engine:
             "scrap": str(scrap),
             "trigger": _trigger(event).model_dump(mode="json"),
         }
-        state = self._known(source, order, pending, event)
+        state = self._known(source, order, pending, _trigger(event))
         if state is not None:
             self._post_confirmation(
                 source.work_centre, state, source.operation, good, scrap, _trigger(event), event
@@ -756,37 +862,262 @@ class Engine:
         for posting in result.postings:
             self._post(work_centre, state, posting, trigger, now)
 
-    def _meter(
+    # ------------------------------------------------------------------ continuous feeds
+
+    def _feed(self, wc: WorkCentreState) -> FeedState:
+        if wc.feed is None:
+            wc.feed = FeedState()
+        return wc.feed
+
+    def _feed_reading(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, amount: Decimal
+    ) -> None:
+        """A totalizer reading: kept on the feed's timeline, then the slices it makes due are
+        posted. A reading that only says "unchanged" (a refresh) is kept only when it closes a
+        slice, so a still meter does not write the store every second."""
+        flow = source.signals.flow
+        assert flow is not None
+        feed, key = self._feed(wc), f"wc/{source.work_centre}"
+        at = event.source_time or event.received_at
+        feed.total += amount
+        last = feed.last
+        if last is None:  # the first reading: slicing starts here
+            feed.until, feed.until_total = at, Fraction(feed.total)
+            feed.orders = [(at, wc.order)]
+            self._dirty.add(key)
+            return
+        if at <= last[0]:
+            if amount == 0:
+                return
+            at = last[0] + _MICROSECOND  # counted in the same poll as what came before
+        if amount == 0 and not self._due(flow, feed, at):
+            return
+        if len(feed.readings) >= 2 and feed.readings[-2][1] == feed.readings[-1][1] == feed.total:
+            feed.readings[-1] = (at, feed.total)  # still standing: move the flat end
+        else:
+            feed.readings.append((at, feed.total))
+        self._dirty.add(key)
+        self._slice_due(source, wc, _trigger(event))
+
+    def _due(self, flow: FlowConfig, feed: FeedState, now: datetime) -> bool:
+        assert feed.until is not None
+        return bool(due_slices(feed.until, now, _seconds(flow.slice_s), feed.boundaries))
+
+    def _feed_lot(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
+        """The lot in the feed, as the PLC shows it: a change-over from this moment (a lot
+        seen before any other is taken as in the feed from the start)."""
+        value = event.value
+        if value is not None and not isinstance(value, str):
+            raise SignalError(f"a lot id must be a string (got {value!r})")
+        lot = (value or "").strip()
+        feed = self._feed(wc)
+        if feed.staging and feed.staging[-1][1] == lot:
+            return
+        at = event.source_time or event.received_at
+        if not feed.staging:
+            at = EPOCH
+        elif at <= feed.staging[-1][0]:
+            at = feed.staging[-1][0] + _MICROSECOND
+        feed.staging.append((at, lot))
+        self._dirty.add(f"wc/{source.work_centre}")
+        log.info("feed_lot_changed", work_centre=source.work_centre, lot=lot, at=at.isoformat())
+
+    def _feed_order(
         self,
         source: SourceConfig,
+        wc: WorkCentreState,
+        at: datetime,
         order: str | None,
-        material: str,
-        amount: Decimal,
-        uom: str,
-        event: SignalEvent,
+        trigger: Trigger,
     ) -> None:
+        """An order change ends a slice: what passed the meter before it is the old order's.
+        When the PLC zeroes its counters with the change, the totalizer is taken as standing
+        between the last reading and the change (what it counted meanwhile is lost with the
+        reset, as for the good counter)."""
+        if source.signals.flow is None:
+            return
+        feed = wc.feed
+        if feed is None or feed.until is None:
+            if source.counters_reset_on_order_change:  # counting starts from 0 now
+                feed = self._feed(wc)
+                feed.until, feed.until_total, feed.orders = at, Fraction(feed.total), [(at, order)]
+                self._dirty.add(f"wc/{source.work_centre}")
+            return
+        start = max(at, feed.until)
+        feed.orders = [(t, o) for t, o in feed.orders if t < start] + [(start, order)]
+        last = feed.last
+        assert last is not None
+        if source.counters_reset_on_order_change and at > last[0]:
+            feed.readings.append((at, feed.total))
+        self._feed_boundary(source, wc, at)
+        self._slice_due(source, wc, trigger)
+
+    def _feed_boundary(self, source: SourceConfig, wc: WorkCentreState, at: datetime) -> None:
+        """An extra slice end (an operation complete, an order change), posted once the
+        totalizer has been read at or after it."""
+        feed = wc.feed
+        if source.signals.flow is None or feed is None or feed.until is None:
+            return
+        if at > feed.until and at not in feed.boundaries:
+            feed.boundaries.append(at)
+            feed.boundaries.sort()
+            self._dirty.add(f"wc/{source.work_centre}")
+
+    def _slice_due(self, source: SourceConfig, wc: WorkCentreState, trigger: Trigger) -> None:
+        flow = source.signals.flow
+        feed = wc.feed
+        assert flow is not None
+        assert feed is not None
+        last = feed.last
+        assert feed.until is not None
+        assert last is not None
+        for start, end in due_slices(feed.until, last[0], _seconds(flow.slice_s), feed.boundaries):
+            self._begin_step()
+            self._post_slice(source, wc, feed, start, end, trigger)
+        # what the next slice cannot need any more
+        until, lag = feed.until, _lag(flow)
+        feed.readings = [(t, v) for t, v in feed.readings if t > until]
+        feed.boundaries = [t for t in feed.boundaries if t > until]
+        feed.orders = _from_latest(feed.orders, until)
+        feed.staging = _from_latest(feed.staging, until - lag)
+        self._dirty.add(f"wc/{source.work_centre}")
+
+    def _post_slice(
+        self,
+        source: SourceConfig,
+        wc: WorkCentreState,
+        feed: FeedState,
+        start: datetime,
+        end: datetime,
+        trigger: Trigger,
+    ) -> None:
+        """Post the slice [start, end) for the order in effect at its start; advance the feed."""
+        flow = source.signals.flow
+        assert flow is not None
+        assert feed.until == start
+        timeline = feed.timeline()
+        end_total = totalizer_at(timeline, end)
+        amount = end_total - feed.until_total
+        gap = _longest_gap(timeline, start, end)
+        feed.until, feed.until_total = end, end_total
+        if amount == 0:
+            return
+        order = feed.order_at(start)
         pending = {
             "kind": "meter",
             "work_centre": source.work_centre,
             "source": source.name,
             "operation": source.operation,
-            "material": material,
+            "material": flow.material,
             "amount": str(amount),
-            "uom": uom,
-            "trigger": _trigger(event).model_dump(mode="json"),
+            "uom": flow.uom,
+            "window": [start.isoformat(), end.isoformat()],
+            "trigger": trigger.model_dump(mode="json"),
         }
-        state = self._known(source, order, pending, event)
-        if state is not None:
+        state = self._known(source, order, pending, trigger)
+        if state is None:
+            return
+        window = FeedWindow(
+            start=start,
+            end=end,
+            lag_s=flow.lag_s if source.signals.feed_lot is not None else None,
+            reading_gap_s=Decimal(_micros(gap)) / 1_000_000,
+        )
+        if source.signals.feed_lot is None:  # no lot signal: bound first-expiry-first
             self._post_meter(
                 source.work_centre,
                 state,
                 source.operation,
-                material,
+                flow.material,
                 amount,
-                uom,
-                _trigger(event),
-                event.received_at,
+                flow.uom,
+                trigger,
+                start,
+                window,
             )
+            return
+        component = self._bom(state).component(source.operation, flow.material, PostingMethod.METER)
+        if component is None:
+            self._no_line(
+                source.work_centre, state.order, source.operation, flow.material, "meter", trigger
+            )
+            return
+        material = self.master.materials[component.material]
+        factor = conversion_factor(flow.uom, material.uom, material.density)
+        progress = state.consumption.component(component.key)
+        carry = FeedCarry(
+            start, Fraction(timeline[0].cumulative) * factor, progress.measured, progress.issued
+        )
+        staging = [
+            FeedStaging(lot, self._lot_material(lot, material.id), at) for at, lot in feed.staging
+        ]
+        try:
+            consumption, posting = meter(
+                self.master, state.consumption, component, amount, flow.uom
+            )
+            result = slice_feed(
+                [TotalizerReading(r.at, Fraction(r.cumulative) * factor) for r in timeline],
+                start,
+                end,
+                staging,
+                _lag(flow),
+                carry,
+                material,
+                {lot.lot: lot for lot in self.lots},
+            )
+        except EdgeAgentError as exc:
+            self._rejected(source.work_centre, state, source.operation, exc, trigger, material.id)
+            return
+        assert result.posted == posting.quantity, (result.posted, posting.quantity)
+        state.consumption = consumption
+        state.bindings[component.key] = record_slice(
+            state.bindings.get(component.key, BindingState()), result
+        )
+        self.lots = tuple(result.lots.get(lot.lot, lot) for lot in self.lots)
+        self._dirty.update({f"order/{state.order}", "lots"})
+        if posting.quantity == 0:
+            return
+        held = [p for p in result.parts if p.held is not None]
+        self._consumed(
+            source.work_centre,
+            state,
+            posting,
+            trigger,
+            lots=tuple(
+                LotMovement(
+                    lot=p.lot,
+                    material=p.material,
+                    quantity=p.drawn,
+                    window_from=p.window_from,
+                    window_to=p.window_to,
+                    cause=p.cause.value,
+                )
+                for p in result.parts
+                if p.lot and p.drawn > 0
+            ),
+            held=_held_part(held),
+            window=window,
+        )
+        for part in held:
+            assert part.held is not None
+            self._held(
+                source.work_centre,
+                state,
+                component.material,
+                component.uom,
+                component.operation,
+                part.held,
+                trigger,
+                part.lot,
+            )
+
+    def _lot_material(self, lot: str, default: str) -> str:
+        """The material of a lot in the feed: as staged, else the metered one (the rules then
+        hold it as not staged for the line)."""
+        for known in self.lots:
+            if known.lot == lot:
+                return known.material
+        return default
 
     def _post_meter(
         self,
@@ -794,11 +1125,14 @@ class Engine:
         state: OrderState,
         operation: str,
         material: str,
-        amount: Decimal,
+        amount: Exact,
         uom: str,
         trigger: Trigger,
         now: datetime,
+        window: FeedWindow | None = None,
     ) -> None:
+        """A metered quantity bound first-expiry-first (a line without a feed lot signal, or
+        one counted while its order was unknown)."""
         component = self._bom(state).component(operation, material, PostingMethod.METER)
         if component is None:
             self._no_line(work_centre, state.order, operation, material, "meter", trigger)
@@ -811,7 +1145,7 @@ class Engine:
             self._rejected(work_centre, state, operation, exc, trigger, material)
             return
         self._dirty.add(f"order/{state.order}")
-        self._post(work_centre, state, posting, trigger, now)
+        self._post(work_centre, state, posting, trigger, now, window)
 
     def _weighing(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
         scale = source.signals.scale
@@ -888,12 +1222,51 @@ class Engine:
         posting: ComponentPosting,
         trigger: Trigger,
         now: datetime,
+        window: FeedWindow | None = None,
     ) -> None:
-        """One component posting: bind it to lots and publish it (a zero posting moves nothing
-        and is carried silently in the cumulative ``issued``)."""
+        """One component posting: bind it to lots first-expiry-first and publish it (a zero
+        posting moves nothing and is carried silently in the cumulative ``issued``)."""
         if posting.quantity == 0:
             return
         binding = self._bind(state, posting, now)
+        c = posting.component
+        self._consumed(
+            work_centre,
+            state,
+            posting,
+            trigger,
+            lots=tuple(
+                LotMovement(
+                    lot=d.lot, material=d.material, quantity=d.quantity, substitution=d.substitution
+                )
+                for d in binding.draws
+            ),
+            held=(
+                HeldPart(
+                    quantity=binding.held.quantity,
+                    reason=binding.held.reason.value,
+                    detail=binding.held.detail,
+                )
+                if binding.held
+                else None
+            ),
+            held_cancelled=binding.held_cancelled,
+            window=window,
+        )
+        if binding.held is not None:
+            self._held(work_centre, state, c.material, c.uom, c.operation, binding.held, trigger)
+
+    def _consumed(
+        self,
+        work_centre: str,
+        state: OrderState,
+        posting: ComponentPosting,
+        trigger: Trigger,
+        lots: tuple[LotMovement, ...],
+        held: HeldPart | None,
+        held_cancelled: Decimal = Decimal(0),
+        window: FeedWindow | None = None,
+    ) -> None:
         bom = self._bom(state)
         c = posting.component
         self._emit(
@@ -912,45 +1285,39 @@ class Engine:
                 setup_included=posting.setup_included,
                 rule_version=RULE_VERSION,
                 bom_lines=tuple(" > ".join(path) for path in c.origin),
-                lots=tuple(
-                    LotMovement(
-                        lot=d.lot,
-                        material=d.material,
-                        quantity=d.quantity,
-                        substitution=d.substitution,
-                    )
-                    for d in binding.draws
-                ),
-                held=(
-                    HeldPart(
-                        quantity=binding.held.quantity,
-                        reason=binding.held.reason.value,
-                        detail=binding.held.detail,
-                    )
-                    if binding.held
-                    else None
-                ),
-                held_cancelled=binding.held_cancelled,
+                lots=lots,
+                held=held,
+                held_cancelled=held_cancelled,
+                window=window,
                 trigger=trigger,
             )
         )
-        if binding.held is not None:
-            self._exception(
-                work_centre,
-                ExceptionCode.LOT_HELD,
-                Severity.ERROR,
-                f"{fmt(binding.held.quantity)} {c.uom} of {c.material} held "
-                f"({binding.held.reason.value}): {binding.held.detail}",
-                state.order,
-                c.operation,
-                material=c.material,
-                details={
-                    "quantity": fmt(binding.held.quantity),
-                    "uom": c.uom,
-                    "reason": binding.held.reason.value,
-                },
-                trigger=trigger,
-            )
+
+    def _held(
+        self,
+        work_centre: str,
+        state: OrderState,
+        material: str,
+        uom: str,
+        operation: str,
+        held: Held,
+        trigger: Trigger,
+        lot: str | None = None,
+    ) -> None:
+        details = {"quantity": fmt(held.quantity), "uom": uom, "reason": held.reason.value}
+        if lot:
+            details["lot"] = lot
+        self._exception(
+            work_centre,
+            ExceptionCode.LOT_HELD,
+            Severity.ERROR,
+            f"{fmt(held.quantity)} {uom} of {material} held ({held.reason.value}): {held.detail}",
+            state.order,
+            operation,
+            material=material,
+            details=details,
+            trigger=trigger,
+        )
 
     def _bind(self, state: OrderState, posting: ComponentPosting, now: datetime) -> Binding:
         key = posting.component.key
@@ -1033,16 +1400,20 @@ class Engine:
                         trigger,
                         None,
                     )
-                else:
+                else:  # a metered slice: its window is past, so it is bound FEFO now
+                    window = item.get("window")
                     self._post_meter(
                         item["work_centre"],
                         state,
                         item["operation"],
                         item["material"],
-                        parse_decimal(item["amount"]),
+                        Fraction(item["amount"]),
                         item["uom"],
                         trigger,
                         now,
+                        FeedWindow(start=window[0], end=window[1], reading_gap_s=Decimal(0))
+                        if window
+                        else None,
                     )
 
     # ------------------------------------------------------------------ messages
@@ -1110,6 +1481,49 @@ class Engine:
 # ----------------------------------------------------------------------------- helpers
 
 _HALF_UP = Rounding.HALF_UP
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _seconds(value: int) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def _lag(flow: FlowConfig) -> timedelta:
+    """The configured hold-up lag, to the microsecond (a timedelta's resolution)."""
+    return timedelta(microseconds=int(flow.lag_s * 1_000_000))
+
+
+def _micros(span: timedelta) -> int:
+    return (span.days * 86_400 + span.seconds) * 1_000_000 + span.microseconds
+
+
+def _longest_gap(timeline: Sequence[TotalizerReading], start: datetime, end: datetime) -> timedelta:
+    gaps = [b.at - a.at for a, b in pairwise(timeline) if a.at < end and b.at > start]
+    return max(gaps, default=timedelta(0))
+
+
+T = TypeVar("T")
+
+
+def _from_latest(entries: list[tuple[datetime, T]], moment: datetime) -> list[tuple[datetime, T]]:
+    """The entries after ``moment`` and the latest at or before it (the one in effect then)."""
+    before = [e for e in entries if e[0] <= moment]
+    return before[-1:] + [e for e in entries if e[0] > moment]
+
+
+def _held_part(parts: Sequence[SlicePart]) -> HeldPart | None:
+    """A slice's held parts as one: their sum, the reason of the largest, every detail."""
+    held = [p for p in parts if p.held is not None]
+    if not held:
+        return None
+    largest = max(held, key=lambda p: p.held.quantity if p.held else Decimal(0))
+    assert largest.held is not None
+    return HeldPart(
+        quantity=sum((p.held.quantity for p in held if p.held), Decimal(0)),
+        reason=largest.held.reason.value,
+        detail="; ".join(p.held.detail for p in held if p.held),
+        lot=largest.lot,
+    )
 
 
 def _counter(source: SourceConfig, name: str) -> CounterConfig | None:

@@ -130,18 +130,42 @@ class _Header(_Wire):
 
 
 class LotMovement(_Wire):
-    """A draw (positive) from or return (negative) to one staged lot."""
+    """A draw (positive) from or return (negative) to one staged lot.
+
+    A continuous feed's movement also says when its material passed the meter
+    (``window_from``..``window_to``) and why its window starts there (``cause``: ``slice``, a
+    lot ``changeover`` in the feed reaching the meter after the hold-up lag, or the lot's
+    ``expiry``).
+    """
 
     lot: str
     material: str
     quantity: Quantity
     substitution: bool = False
+    window_from: WireTime | None = None
+    window_to: WireTime | None = None
+    cause: Literal["slice", "changeover", "expiry"] | None = None
 
 
 class HeldPart(_Wire):
     quantity: Quantity
     reason: str
     detail: str
+    #: a continuous feed's part: the lot in the feed then (None: none, or not a feed)
+    lot: str | None = None
+
+
+class FeedWindow(_Wire):
+    """The time slice [start, end) of a continuous feed a meter posting covers: the material
+    that passed the meter then, bound to the lot in the feed ``lag_s`` earlier (``lag_s`` is
+    None when the line has no feed lot signal and the slice was bound FEFO).
+    ``reading_gap_s`` is the longest interval between the totalizer readings the slice was
+    interpolated over: a long one (an outage) means the flow, and a split, was assumed even."""
+
+    start: WireTime
+    end: WireTime
+    lag_s: Quantity | None = None
+    reading_gap_s: Quantity
 
 
 class MaterialConsumed(_Header):
@@ -166,6 +190,8 @@ class MaterialConsumed(_Header):
     lots: tuple[LotMovement, ...] = ()
     held: HeldPart | None = None
     held_cancelled: Quantity = Decimal(0)
+    #: a meter line posted per time slice: the slice
+    window: FeedWindow | None = None
     trigger: Trigger
 
 

@@ -7,6 +7,8 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from decimal import Decimal
+from fractions import Fraction
 from typing import Protocol
 
 from rich.console import Console
@@ -15,9 +17,16 @@ from rich.table import Table
 
 from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError
+from simulators.feeds import LotChange, MeterStep
 
 
 class SimulatedPlc(Protocol):
+    """What both simulators offer (OPC UA and Modbus), so one command line and one scripted shift
+    drive either."""
+
+    #: every feed lot change, in the order made (:meth:`change_lot`)
+    lot_changes: list[LotChange]
+
     @property
     def endpoint(self) -> str: ...
     @property
@@ -39,6 +48,11 @@ class SimulatedPlc(Protocol):
         flow_per_unit: int = 0,
         ack_timeout: float | None = None,
     ) -> None: ...
+    async def set_flow_rate(
+        self, work_centre: str, counts_per_s: Decimal | Fraction | int
+    ) -> None: ...
+    async def change_lot(self, work_centre: str, lot: str) -> LotChange: ...
+    def meter_history(self, work_centre: str) -> list[MeterStep]: ...
 
 
 async def _serve(plc: SimulatedPlc, args: argparse.Namespace, console: Console) -> None:

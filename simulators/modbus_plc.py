@@ -30,8 +30,12 @@ hosts or ports in the file are all served here). Its Python API is
   flag low, then high, until a client has read it (as a scale does while the load moves, then
   rests), so the rising edge the engine takes as the weighing is seen.
 - **Flow.** :meth:`ModbusPlc.set_flow_rate` runs the flow meter at a rate (counts per second)
-  until set to 0; :meth:`ModbusPlc.change_lot` records a tank (feed) lot change with the moment
-  and the totalizer reading, in :attr:`ModbusPlc.lot_changes`.
+  until set to 0; :meth:`ModbusPlc.change_lot` writes a new tank (feed) lot to ``feed_lot`` (when
+  configured) and records it with the moment and the totalizer reading, in
+  :attr:`ModbusPlc.lot_changes`; :meth:`ModbusPlc.meter_history` is every write of the
+  totalizer with the counts metered so far, so :func:`simulators.feeds.expected_by_lot` can tell
+  which lot the flow belongs to. The moments are the simulator's own clock: the agent sees a
+  change only at its next poll.
 
 Run it on its own: ``python -m simulators.modbus_plc --config config/line-modbus.toml``.
 """
@@ -42,7 +46,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -74,11 +77,11 @@ from edge_agent.sources.modbus_codec import (
     exception_code,
 )
 from simulators.cli import run_simulator
+from simulators.feeds import FlowMeter, LotChange, MeterStep
 from simulators.opcua_plc import Tally, _port, _positive, _wait_port_free, produce_units
 
 COUNTERS: Final = ("good", "scrap", "flow")
 _TICK: Final = timedelta(microseconds=1)
-_METER_PERIOD_S: Final = 0.05
 #: function code → the table it works on
 _TABLE_OF: Final[dict[int, Table]] = {
     1: "coil",
@@ -113,17 +116,6 @@ class ServedRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class LotChange:
-    """A feed (tank, silo, IBC) lot change at a work centre's flow meter."""
-
-    at: datetime
-    work_centre: str
-    material: str
-    lot: str
-    totalizer: int  # the totalizer's counts at the change
-
-
-@dataclass(frozen=True, slots=True)
 class _Fault:
     table: Table
     start: int
@@ -148,8 +140,9 @@ class _WorkCentre:
     ack_changed: asyncio.Event = field(default_factory=asyncio.Event)
     handshake: asyncio.Lock = field(default_factory=asyncio.Lock)
     state: str = "idle"
-    flow_rate: Fraction = Fraction(0)
-    meter: asyncio.Task[None] | None = None
+    meter: FlowMeter | None = None  # once a flow rate was set
+    metered: int = 0  # totalizer counts added, in all (not wrapped, not reset)
+    history: list[MeterStep] = field(default_factory=list)  # every write of the totalizer
 
     @property
     def name(self) -> str:
@@ -232,7 +225,8 @@ class ModbusPlc:
         tb: TracebackType | None,
     ) -> None:
         for wc in self._work_centres.values():
-            await self._stop_meter(wc)
+            if wc.meter is not None:
+                await wc.meter.stop()
         await self.stop()
 
     async def start(self, reset: bool = False) -> None:
@@ -401,6 +395,8 @@ class ModbusPlc:
         words = encode(f, value, word=memory[f.address])
         memory[f.address : f.address + len(words)] = [int(w) for w in words]
         wc.values[signal] = value
+        if signal == "flow":
+            wc.history.append(MeterStep(self._stamp(), wc.metered))
 
     def _wc(self, work_centre: str) -> _WorkCentre:
         try:
@@ -482,7 +478,9 @@ class ModbusPlc:
         if counts < 0:
             raise ValueError(f"counts must not be negative (got {counts})")
         wc = self._wc(work_centre)
-        self._increment(wc, self._field(wc, "flow"), counts)
+        f = self._field(wc, "flow")
+        wc.metered += counts  # before the write, which records the step
+        self._increment(wc, f, counts)
         self._tally(wc).flow += counts
 
     def _increment(self, wc: _WorkCentre, f: Field, count: int) -> None:
@@ -629,53 +627,39 @@ class ModbusPlc:
 
     # ------------------------------------------------------------------ flow meter, tank lots
 
-    async def set_flow_rate(self, work_centre: str, counts_per_s: Decimal | int) -> None:
+    async def set_flow_rate(self, work_centre: str, counts_per_s: Decimal | Fraction | int) -> None:
         """Run the flow meter at ``counts_per_s`` (0 stops it); counted as :meth:`flow`."""
         wc = self._wc(work_centre)
         self._field(wc, "flow")
-        rate = Fraction(counts_per_s)
-        if rate < 0:
-            raise ValueError(f"a flow rate must not be negative (got {counts_per_s})")
-        wc.flow_rate = rate
-        if rate and wc.meter is None:
-            wc.meter = asyncio.create_task(self._run_meter(wc), name=f"modbus-plc[{wc.name}].meter")
-        elif not rate:
-            await self._stop_meter(wc)
-
-    async def _stop_meter(self, wc: _WorkCentre) -> None:
-        meter, wc.meter = wc.meter, None
-        wc.flow_rate = Fraction(0)
-        if meter is not None:
-            meter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await meter
-
-    async def _run_meter(self, wc: _WorkCentre) -> None:
-        loop = asyncio.get_running_loop()
-        carry = Fraction(0)
-        last = loop.time()
-        while True:
-            await asyncio.sleep(_METER_PERIOD_S)
-            now = loop.time()
-            carry += wc.flow_rate * Fraction(now - last)
-            last = now
-            whole = math.floor(carry)
-            if whole:
-                carry -= whole
-                await self.flow(wc.name, whole)
+        if wc.meter is None:
+            wc.meter = FlowMeter(
+                functools.partial(self.flow, wc.name), name=f"modbus-plc[{wc.name}].meter"
+            )
+        await wc.meter.set_rate(counts_per_s)
 
     async def change_lot(self, work_centre: str, lot: str) -> LotChange:
-        """A new lot feeds the work centre's flow meter (a tank switched over): recorded with
-        the moment and the totalizer's counts, in :attr:`lot_changes`."""
+        """A new lot feeds the work centre's flow meter (a tank switched over): written to the
+        ``feed_lot`` register when configured (encoded as the order id is), and recorded with
+        the moment and the totalizer's counts, in :attr:`lot_changes`. ValueError (and nothing
+        written or recorded) for a lot id the register cannot hold."""
         wc = self._wc(work_centre)
         self._field(wc, "flow")
         flow = wc.source.signals.flow
         assert flow is not None
+        if "feed_lot" in wc.fields:
+            self._put(wc, "feed_lot", lot)
         totalizer = wc.values["flow"]
         assert isinstance(totalizer, int)
         change = LotChange(self._stamp(), wc.name, flow.material, lot, totalizer)
         self.lot_changes.append(change)
         return change
+
+    def meter_history(self, work_centre: str) -> list[MeterStep]:
+        """Every write of the work centre's totalizer, with the counts metered by then (a copy):
+        see :class:`simulators.feeds.MeterStep`."""
+        wc = self._wc(work_centre)
+        self._field(wc, "flow")
+        return list(wc.history)
 
     # ------------------------------------------------------------------ production
 

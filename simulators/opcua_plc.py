@@ -4,10 +4,10 @@ It serves every node the agent configuration's signal maps name, so the agent an
 share one config file: ``LinePlc(config, port=...)`` listens on
 ``opc.tcp://{host}:{port}/edge-agent/sim/`` with the namespace ``urn:edge-agent:sim`` at index 2.
 
-- **Types by role.** ``order`` String; ``good``, ``scrap``, ``flow`` the unsigned integer of the
-  counter's configured width (UInt16/32/64); ``complete_request``, ``complete_ack`` and
-  ``scale.stable`` Boolean; ``complete_good``, ``complete_scrap`` UInt32; ``scale.weight``,
-  ``scale.tare`` Double. Only ``complete_ack`` is writable by clients.
+- **Types by role.** ``order`` and ``feed_lot`` String; ``good``, ``scrap``, ``flow`` the
+  unsigned integer of the counter's configured width (UInt16/32/64); ``complete_request``,
+  ``complete_ack`` and ``scale.stable`` Boolean; ``complete_good``, ``complete_scrap`` UInt32;
+  ``scale.weight``, ``scale.tare`` Double. Only ``complete_ack`` is writable by clients.
 - **Timestamps.** Every value the simulator sets carries an explicit SourceTimestamp (UTC),
   strictly increasing across all its writes, so no two changes share one; a client's write to
   ``complete_ack`` is stamped the same way, as a PLC stamps what it receives.
@@ -24,6 +24,12 @@ share one config file: ``LinePlc(config, port=...)`` listens on
 - **Totals.** :attr:`LinePlc.totals` is what the PLC counted per (order, work centre): counter
   increments, acknowledged handshakes (kept apart), totalizer counts and weighings. Only what was
   really written counts; :meth:`set_counter` and an order change's reset are not production.
+- **Flow.** :meth:`LinePlc.set_flow_rate` runs the flow meter at a rate (counts per second)
+  until set to 0; :meth:`LinePlc.change_lot` writes a new tank (feed) lot to ``feed_lot`` (when
+  configured; its SourceTimestamp is the change's moment) and records it with the totalizer
+  reading, in :attr:`LinePlc.lot_changes`; :meth:`LinePlc.meter_history` is every write of the
+  totalizer (stamped as the node is) with the counts metered so far, so
+  :func:`simulators.feeds.expected_by_lot` can tell which lot the flow belongs to.
 
 Run it on its own: ``python -m simulators.opcua_plc --config config/line.toml`` (``--help``).
 """
@@ -33,12 +39,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import socket
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, cast
@@ -54,6 +62,7 @@ from edge_agent.config import Config, CounterSignal
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.sources.opcua import signal_nodes
 from simulators.cli import run_simulator
+from simulators.feeds import FlowMeter, LotChange, MeterStep
 
 NAMESPACE: Final = "urn:edge-agent:sim"
 COUNTERS: Final = ("good", "scrap", "flow")
@@ -107,6 +116,9 @@ class _WorkCentre:
     ack_changed: asyncio.Event = field(default_factory=asyncio.Event)
     handshake: asyncio.Lock = field(default_factory=asyncio.Lock)
     state: str = "idle"
+    meter: FlowMeter | None = None  # once a flow rate was set
+    metered: int = 0  # totalizer counts added, in all (not wrapped, not reset)
+    history: list[MeterStep] = field(default_factory=list)  # every write of the totalizer
 
     @property
     def name(self) -> str:
@@ -125,6 +137,9 @@ class LinePlc:
         self._work_centres: dict[str, _WorkCentre] = {}
         self._variables: dict[str, _Variable] = {}
         self._totals: dict[tuple[str, str], Tally] = {}
+        #: every feed lot change, in the order made (:meth:`change_lot`)
+        self.lot_changes: list[LotChange] = []
+        self._flow_of: dict[str, _WorkCentre] = {}  # a totalizer's node → its work centre
         for source in config.sources:
             if not isinstance(source, OpcUaSourceConfig):
                 continue  # a Modbus source: simulators/modbus_plc.py serves it
@@ -136,7 +151,10 @@ class LinePlc:
                 if address in self._variables:
                     raise ValueError(f"node {address} is configured twice")
                 self._variables[address] = variables[signal] = variable
-            self._work_centres[source.work_centre] = _WorkCentre(source, variables)
+            wc = self._work_centres[source.work_centre] = _WorkCentre(source, variables)
+            if "flow" in variables:
+                self._flow_of[variables["flow"].address] = wc
+                self._metered_step(variables["flow"])
 
     def _variable(self, source: OpcUaSourceConfig, signal: str, address: str) -> _Variable:
         node_id = ua.NodeId.from_string(address)
@@ -153,7 +171,7 @@ class LinePlc:
             vtype = _UNSIGNED[width]
         elif signal in _BOOLEANS:
             vtype = ua.VariantType.Boolean
-        elif signal == "order":
+        elif signal in ("order", "feed_lot"):
             vtype = ua.VariantType.String
         elif signal in ("complete_good", "complete_scrap"):
             vtype = ua.VariantType.UInt32
@@ -192,6 +210,9 @@ class LinePlc:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for wc in self._work_centres.values():
+            if wc.meter is not None:
+                await wc.meter.stop()
         await self.stop()
 
     async def start(self, reset: bool = False) -> None:
@@ -203,6 +224,7 @@ class LinePlc:
                 variable.value = _INITIAL.get(variable.vtype, 0)
                 variable.status = ua.StatusCode()
                 variable.stamp = self._stamp()
+                self._metered_step(variable)
         server = Server()
         await server.init()
         server.set_endpoint(self.endpoint)
@@ -282,7 +304,14 @@ class LinePlc:
     async def _set(self, variable: _Variable, value: Any) -> None:
         variable.value = value
         variable.stamp = self._stamp()
+        self._metered_step(variable)
         await self._publish(variable)
+
+    def _metered_step(self, variable: _Variable) -> None:
+        """A write of a totalizer is a step of its history, stamped as the node is."""
+        wc = self._flow_of.get(variable.address)
+        if wc is not None:
+            wc.history.append(MeterStep(variable.stamp, wc.metered))
 
     async def _publish(self, variable: _Variable) -> None:
         if self._server is not None:
@@ -359,7 +388,9 @@ class LinePlc:
         if counts < 0:
             raise ValueError(f"counts must not be negative (got {counts})")
         wc = self._wc(work_centre)
-        await self._increment(self._var(wc, "flow"), counts)
+        variable = self._var(wc, "flow")
+        wc.metered += counts  # before the write, which records the step
+        await self._increment(variable, counts)
         self._tally(wc).flow += counts
 
     async def _increment(self, variable: _Variable, count: int) -> None:
@@ -468,6 +499,45 @@ class LinePlc:
         variable.status = ua.StatusCode(ua.UInt32(code))
         variable.stamp = self._stamp()
         await self._publish(variable)
+
+    # ------------------------------------------------------------------ flow meter, tank lots
+
+    async def set_flow_rate(self, work_centre: str, counts_per_s: Decimal | Fraction | int) -> None:
+        """Run the flow meter at ``counts_per_s`` (0 stops it); counted as :meth:`flow`."""
+        wc = self._wc(work_centre)
+        self._var(wc, "flow")
+        if wc.meter is None:
+            wc.meter = FlowMeter(
+                functools.partial(self.flow, wc.name), name=f"line-plc[{wc.name}].meter"
+            )
+        await wc.meter.set_rate(counts_per_s)
+
+    async def change_lot(self, work_centre: str, lot: str) -> LotChange:
+        """A new lot feeds the work centre's flow meter (a tank switched over): written to the
+        ``feed_lot`` node when configured (the change's moment is the node's SourceTimestamp, as
+        the agent sees it), and recorded with the totalizer's counts, in :attr:`lot_changes`."""
+        wc = self._wc(work_centre)
+        totalizer = self._var(wc, "flow").value
+        flow = wc.source.signals.flow
+        assert flow is not None
+        node = wc.variables.get("feed_lot")
+        if node is not None:
+            await self._set(node, lot)
+            at = node.stamp
+        else:
+            at = self._stamp()
+        change = LotChange(at, wc.name, flow.material, lot, int(totalizer))
+        self.lot_changes.append(change)
+        return change
+
+    def meter_history(self, work_centre: str) -> list[MeterStep]:
+        """Every write of the work centre's totalizer, with the counts metered by then (a copy):
+        see :class:`simulators.feeds.MeterStep`."""
+        wc = self._wc(work_centre)
+        self._var(wc, "flow")
+        return list(wc.history)
+
+    # ------------------------------------------------------------------ production
 
     async def run_production(
         self,

@@ -9,6 +9,12 @@ is stopped while the PLC keeps counting and raises an operation-complete request
 At the end, the **expected** consumption is computed from what the PLC counted (its own tallies,
 through the pure backflush rules, with no knowledge of the agent) and compared with what the MES
 ledger **received** (deduplicated by message id): per order and material, exactly.
+
+A plan with ``feed_lots`` also switches the water tank's lot during the shift; the reconciliation
+then shows, per lot, the flow metered while the lot was at the meter (the PLC's own meter history
+and lot changes, through :func:`simulators.feeds.expected_by_lot`) next to what the MES got drawn
+from it, as data: rounding to the issue increment makes the two differ a little, and it is not
+part of ``ok``.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import tomli_w
 
@@ -42,12 +48,15 @@ from edge_agent.domain.orders import WorkOrder
 from edge_agent.domain.quantities import round_to_increment
 from edge_agent.store import Store
 from simulators.broker import EmbeddedBroker, free_port
+from simulators.feeds import changes_at, expected_by_lot
 from simulators.mes import MesSimulator
 from simulators.modbus_plc import ModbusPlc
 from simulators.opcua_plc import LinePlc, Tally
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 MIX, FILL = "MIX-1", "FILL-1"
+#: the water tank's lots in config/lots.json, for a shift that switches tanks
+DEMO_FEED_LOTS: tuple[str, ...] = ("TANK-2-2611", "TANK-2-2612", "TANK-2-2613")
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,9 @@ class ShiftPlan:
     restart_at: float = 0.65  # fraction of the shift when the agent is stopped
     restart_batches: int = 3  # mixing batches counted while the agent is down
     pace_s: float = 0.02  # pause between batches
+    #: lots the water tank is switched to (MIX-1's feed_lot): the first at the start, then one
+    #: after each equal share of the units; none: the tank's lot never changes
+    feed_lots: tuple[str, ...] = ()
 
     @property
     def units(self) -> int:
@@ -84,6 +96,14 @@ class Line:
         return self.received - self.expected
 
 
+class FeedLot(NamedTuple):
+    """One lot of a feed: the flow metered while it was at the meter (exact, in the flow's
+    unit) and what the MES ledger has drawn from it."""
+
+    expected: Fraction
+    posted: Decimal
+
+
 @dataclass
 class Reconciliation:
     lines: list[Line]
@@ -93,6 +113,9 @@ class Reconciliation:
     exceptions: dict[str, int]
     outbox_left: int | None
     audit_ok: bool | None
+    #: a shift that switched feed lots: lot → expected and posted (None: the flow metered with no
+    #: lot known, and what the MES got of the material drawn from no lot); not part of ``ok``
+    feed_lots: dict[str | None, FeedLot] = field(default_factory=dict)
 
     @property
     def lost(self) -> int:
@@ -282,8 +305,11 @@ async def run_shift(
             code = agent.stop()
             if code != 0:
                 raise RuntimeError(f"the agent exited with code {code}; see {agent.log_path}")
+            feed = expected_feed_lots(plc, config) if plc.lot_changes else {}
         outbox_left, audit_ok = await _store_check(Path(config.store.path))
-        return _reconcile(expected, mes, outbox_left, audit_ok)
+        reconciliation = _reconcile(expected, mes, outbox_left, audit_ok)
+        reconciliation.feed_lots = _feed_lots(feed, config, mes)
+        return reconciliation
     finally:
         agent.stop(signal.SIGKILL)
         mes.close()
@@ -311,6 +337,12 @@ async def _produce(
     outage_at, restart_at = plan.units * plan.outage_at, plan.units * plan.restart_at
     outage_left: int | None = None
     restarted = False
+    lots = list(plan.feed_lots)
+    if lots:
+        await _change_lot(plc, lots.pop(0), made, progress)
+        # the piping still holds what was there before: the first lot reaches the meter only
+        # after the lag, and the flow starts then, all of it from the lots of the plan
+        await asyncio.sleep(float(_lag_s(plc.config)))
     for order, units in plan.orders:
         await plc.set_order(MIX, order)
         await plc.set_order(FILL, order)
@@ -322,6 +354,11 @@ async def _produce(
         ]
         for i, batch in enumerate(batches):
             agent.check()
+            # lot k of n (k ≥ 1) goes into the tank once k / n of the units are made
+            if lots and made * len(plan.feed_lots) >= plan.units * (
+                len(plan.feed_lots) - len(lots)
+            ):
+                await _change_lot(plc, lots.pop(0), made, progress)
             scrap = 1 if plan.scrap_every and (i + 1) % plan.scrap_every == 0 else 0
             if broker is not None and outage_left is None and made >= outage_at:
                 progress(made, "broker down: postings wait in the outbox", True)
@@ -341,6 +378,18 @@ async def _produce(
                     progress(made, "broker back: the outbox drains", True)
                     await asyncio.to_thread(broker.start)
             await asyncio.sleep(plan.pace_s)
+
+
+async def _change_lot(plc: LinePlc | ModbusPlc, lot: str, made: int, progress: Progress) -> None:
+    await plc.change_lot(MIX, lot)
+    progress(made, f"water tank switched to lot {lot}", True)
+
+
+def _lag_s(config: Config) -> Decimal:
+    """The hold-up between MIX-1's tank and its flow meter, in seconds."""
+    flow = next(s.signals.flow for s in config.sources if s.work_centre == MIX)
+    assert flow is not None
+    return flow.lag_s
 
 
 async def _weigh(plc: LinePlc | ModbusPlc, planned: Decimal) -> None:
@@ -474,6 +523,59 @@ def _order_consumption(
     return {k: v for k, v in out.items() if v}
 
 
+def expected_feed_lots(
+    plc: LinePlc | ModbusPlc, config: Config
+) -> dict[tuple[str, str | None], Fraction]:
+    """Per (material, lot), the flow metered while the lot was at the meter, by the PLC's own
+    meter history and lot changes (:func:`simulators.feeds.expected_by_lot`), in the flow's unit;
+    lot None: metered before any lot reached the meter."""
+    out: dict[tuple[str, str | None], Fraction] = {}
+    for source in config.sources:
+        flow = source.signals.flow
+        if flow is None:
+            continue
+        wc = source.work_centre
+        by_lot = expected_by_lot(
+            plc.meter_history(wc),
+            changes_at(plc.lot_changes, wc),
+            flow.lag_s,
+            flow.counter_spec().scale,
+        )
+        for lot, q in by_lot.items():
+            out[(flow.material, lot)] = out.get((flow.material, lot), Fraction(0)) + q
+    return out
+
+
+def _feed_lots(
+    expected: dict[tuple[str, str | None], Fraction], config: Config, mes: MesSimulator
+) -> dict[str | None, FeedLot]:
+    """Expected next to posted per lot of the fed materials: posted is what the ledger's lot
+    movements drew from the lot; for None, what the MES got of the material beyond every lot's
+    draws (posted with no lot, or held)."""
+    if not expected:
+        return {}
+    materials = {s.signals.flow.material for s in config.sources if s.signals.flow is not None}
+    posted: dict[tuple[str, str | None], Decimal] = {}
+    for (_order, drawn_from, material), q in mes.lot_movements().items():
+        if material in materials:
+            posted[(material, drawn_from)] = posted.get((material, drawn_from), Decimal(0)) + q
+    received = mes.consumption()
+    for material in materials:
+        total = sum((q for (_o, m, _u), q in received.items() if m == material), Decimal(0))
+        from_lots = sum((q for (m, _l), q in posted.items() if m == material), Decimal(0))
+        if total != from_lots or (material, None) in expected:
+            posted[(material, None)] = total - from_lots
+    out: dict[str | None, FeedLot] = {}
+    for key in sorted(set(expected) | set(posted), key=lambda k: (k[0], k[1] or "")):
+        lot = key[1]
+        before = out.get(lot, FeedLot(Fraction(0), Decimal(0)))
+        out[lot] = FeedLot(
+            before.expected + expected.get(key, Fraction(0)),
+            before.posted + posted.get(key, Decimal(0)),
+        )
+    return out
+
+
 async def _store_check(path: Path) -> tuple[int, bool]:
     async with Store.open(path) as store:
         return await store.outbox_depth(), (await store.verify_audit()).ok
@@ -504,10 +606,13 @@ def _reconcile(
 
 
 __all__ = [
+    "DEMO_FEED_LOTS",
     "AgentProcess",
+    "FeedLot",
     "Reconciliation",
     "ShiftPlan",
     "agent_config",
     "expected_consumption",
+    "expected_feed_lots",
     "run_shift",
 ]

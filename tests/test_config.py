@@ -242,6 +242,8 @@ def test_every_counter_config_gives_the_engine_its_counter_spec() -> None:
     assert modbus.good.counter_spec() == CounterSpec(32, Decimal(1))
     # the float32 totalizer: counts of 0.01 L, showing 0 again at 100 000 L
     assert modbus.flow.counter_spec() == CounterSpec(None, Decimal("0.01"), rollover_at=10_000_000)
+    wobbles = modbus.flow.model_copy(update={"jitter": Decimal("0.02")})
+    assert wobbles.counter_spec().jitter == 2
     # an integer counter that wraps before its width, in engineering units
     wraps = ModbusCounter(address=0, type="uint16", scale=Decimal("0.1"), rollover=Decimal(1000))
     assert wraps.counter_spec() == CounterSpec(16, Decimal("0.1"), rollover_at=10_000)
@@ -278,6 +280,22 @@ MODBUS_ERRORS = [
         "sources[0].signals.flow.rollover: a float32 just below 1000000 moves in steps of "
         "0.0625, not finer than the resolution 0.01: counts would be lost; use a rollover of "
         "at most 131072",
+    ),
+    (
+        _set("sources.0.signals.flow.jitter", "0.005"),
+        "sources[0].signals.flow: jitter 0.005 must be a whole number of counts of 0.01",
+    ),
+    (
+        _set("sources.0.signals.flow.lag_s", "-1"),
+        "sources[0].signals.flow.lag_s: Input should be greater than or equal to 0",
+    ),
+    (
+        _set("sources.0.signals.flow.slice_s", 0),
+        "sources[0].signals.flow.slice_s: Input should be greater than or equal to 1",
+    ),
+    (
+        _delete("sources.0.signals.flow"),
+        "sources[0].signals: feed_lot is the lot feeding the flow meter: it needs a flow signal",
     ),
     (
         _set("sources.0.signals.order", {"address": 0, "type": "string"}),

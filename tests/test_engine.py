@@ -331,8 +331,13 @@ async def test_flow_and_weighing(tmp_path: Path, store: Store) -> None:
     line = Line(clock)
     engine = await load(make_config(tmp_path), store, clock)
     engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "feed_lot", "TANK-2-2611"))  # the water tank's lot
     for total in (0, 246, 551, 769, 773):  # totalizer counts of 0.01 L
         engine.apply(line.event("MIX-1", "flow", total))
+    # posted per 60 s slice: a refresh past the minute closes the first
+    engine.apply(
+        line.event("MIX-1", "flow", 773, origin=Origin.REFRESH, at=T0 + timedelta(seconds=61))
+    )
     engine.apply(line.event("MIX-1", "scale.stable", False))
     engine.apply(line.event("MIX-1", "scale.tare", Decimal("0.5")))
     engine.apply(line.event("MIX-1", "scale.weight", Decimal("1.2")))  # far off target

@@ -4,8 +4,9 @@ What the engine relies on, as for the OPC UA source: every signal arrives typed 
 Decimal, str) with its quality; everything is read after each (re)connect, then only changes;
 counters polled add up exactly; the handshake completes through write(); an exception response
 is bad quality naming the register and the exception; an unreachable device is one
-disconnected status and the source recovers. Plus what is Modbus's own: one request per
-coalesced block, and every word and byte order.
+disconnected status and the source recovers; a flow totalizer that stands still is refreshed
+about once a second. Plus what is Modbus's own: one request per coalesced block, and every
+word and byte order.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from edge_agent.config import Config, ModbusCounter
 from edge_agent.config import ModbusSource as ModbusSourceConfig
 from edge_agent.domain.counters import CounterState, read_counter
 from edge_agent.errors import SignalError
-from edge_agent.sources import SIGNAL_ORDER, Origin, Quality, SignalEvent, SourceStatus
+from edge_agent.sources import (
+    REFRESH_S,
+    SIGNAL_ORDER,
+    Origin,
+    Quality,
+    SignalEvent,
+    SourceStatus,
+)
 from edge_agent.sources.modbus import ModbusSource, triggers_first
 from edge_agent.sources.modbus_codec import Field, ReadRequest, Role
 from simulators.modbus_plc import ModbusPlc, Tally, main
@@ -34,7 +42,16 @@ from tests.support.modbus import EXAMPLE, REGISTER_HANDSHAKE, modbus_config, pol
 from tests.support.plc import Item, Recorder
 
 MIX, FILL = "MIX-1", "FILL-1"
-MIX_SIGNALS = ["order", "good", "scrap", "flow", "scale.tare", "scale.weight", "scale.stable"]
+MIX_SIGNALS = [
+    "order",
+    "feed_lot",
+    "good",
+    "scrap",
+    "flow",
+    "scale.tare",
+    "scale.weight",
+    "scale.stable",
+]
 FILL_SIGNALS = ["order", "complete_good", "complete_scrap", "complete_ack", "complete_request"]
 ORDERS = [("big", "big"), ("little", "big"), ("big", "little"), ("little", "little")]
 ORDER_IDS = ["ABCD", "CDAB", "BADC", "DCBA"]
@@ -125,6 +142,7 @@ async def test_read_after_connect_carries_every_signal_typed_then_only_changes(
             read = {e.signal: e.value for e in reads_of(rec, mix)}
             assert read == {
                 "order": "WO-7",
+                "feed_lot": "",  # no lot in the tank yet
                 "good": 70_000,
                 "scrap": 2,
                 "flow": 1_234_567,
@@ -134,6 +152,7 @@ async def test_read_after_connect_carries_every_signal_typed_then_only_changes(
             }
             assert [type(read[n]) for n in MIX_SIGNALS] == [
                 str,
+                str,
                 int,
                 int,
                 int,
@@ -142,7 +161,7 @@ async def test_read_after_connect_carries_every_signal_typed_then_only_changes(
                 bool,
             ]
             assert str(read["scale.weight"]) == "12.345"  # not 12.3450002670288…
-            assert reads_of(rec, mix)[5].address == "input:0 (unit 2)"  # the scale's own unit
+            assert reads_of(rec, mix)[6].address == "input:0 (unit 2)"  # the scale's own unit
             fill_read = {e.signal: e.value for e in reads_of(rec, fill)}
             assert fill_read == {
                 "order": "WO-7",
@@ -172,7 +191,7 @@ async def test_one_request_per_coalesced_block_not_one_per_signal(
     mix = source(config, MIX)
     assert [(r.unit, r.table, r.address, r.count) for r in mix.requests] == [
         (2, "input", 0, 5),  # the scale indicator (weight, tare, status word): stable is a trigger
-        (1, "holding", 0, 22),  # order, good, scrap and the flow totalizer
+        (1, "holding", 0, 32),  # order, good, scrap, the flow totalizer and the tank's lot
     ]
     rec = Recorder()
     async with running(mix, rec):
@@ -183,18 +202,19 @@ async def test_one_request_per_coalesced_block_not_one_per_signal(
     while served[0].unit != 2:  # the test may have resumed in the middle of a poll
         served = served[1:]
     blocks = {(r.unit, r.table, r.address, r.count) for r in served}
-    assert blocks == {(1, "holding", 0, 22), (2, "input", 0, 5)}
+    assert blocks == {(1, "holding", 0, 32), (2, "input", 0, 5)}
     # a poll is one request per block, in plan order
     polled = [(r.unit, r.address) for r in served]
     pairs = polled[: len(polled) // 2 * 2]
     assert pairs == [(2, 0), (1, 0)] * (len(pairs) // 2)
 
-    # with no gap allowed, the totalizer (8 registers further) is a request of its own
+    # with no gap allowed, the totalizer (8 registers further) and the tank's lot right after it
+    # are a request of their own
     tight = source(modbus_config(free_port(), tmp_path, max_gap=0), MIX)
     assert [(r.table, r.address, r.count) for r in tight.requests] == [
         ("input", 0, 5),
         ("holding", 0, 13),
-        ("holding", 20, 2),
+        ("holding", 20, 12),
     ]
 
 
@@ -356,11 +376,12 @@ async def test_an_exception_response_is_bad_quality_naming_register_and_exceptio
         await read_done(rec, mix)
         mark = rec.mark()
         await plc.set_exception(MIX, "good", "IllegalDataAddress")
-        await rec.wait_for(lambda _: len(rec.events(after=mark)) == 4)
+        await rec.wait_for(lambda _: len(rec.events(after=mark)) == 5)
         bad = rec.events(after=mark)
         # every signal of the refused request, none of the scale's (another request)
         assert [(e.signal, e.address, e.value) for e in bad] == [
             ("order", "holding:0", None),
+            ("feed_lot", "holding:22", None),
             ("good", "holding:10", None),
             ("scrap", "holding:12", None),
             ("flow", "holding:20", None),
@@ -369,14 +390,20 @@ async def test_an_exception_response_is_bad_quality_naming_register_and_exceptio
             (Quality.BAD, "IllegalDataAddress", Origin.CHANGE)
         }
         await polls(plc, 10)
-        assert len(rec.events(after=mark)) == 4  # said once, not once per poll
+        assert len(rec.events(after=mark)) == 5  # said once, not once per poll
 
         await plc.produce(MIX, good=2)  # counted meanwhile
         mark = rec.mark()
         await plc.set_exception(MIX, "good", None)
         back = await rec.wait_value("good", 5, after=mark)
         assert (back.quality, back.status) == (Quality.GOOD, "Good")
-        assert {e.signal for e in rec.events(after=mark)} == {"order", "good", "scrap", "flow"}
+        assert {e.signal for e in rec.events(after=mark)} == {
+            "order",
+            "feed_lot",
+            "good",
+            "scrap",
+            "flow",
+        }
 
         mark = rec.mark()
         await plc.set_exception(MIX, "scale.stable", "DeviceBusy")
@@ -447,6 +474,102 @@ async def test_registers_that_cannot_be_a_value_are_bad_quality(
         assert good.quality is Quality.GOOD
 
 
+# --------------------------------------------------------------------------- flow refresh
+
+
+def refreshes_of(recorder: Recorder, src: ModbusSource, after: int = 0) -> list[SignalEvent]:
+    return [e for e in recorder.events(origin=Origin.REFRESH, after=after) if e.source == src.name]
+
+
+async def refreshed(
+    recorder: Recorder, src: ModbusSource, count: int, after: int = 0
+) -> list[SignalEvent]:
+    """The first ``count`` REFRESH events of ``src`` from position ``after`` on, once there."""
+    await recorder.wait_for(lambda _: len(refreshes_of(recorder, src, after)) >= count, after=after)
+    return refreshes_of(recorder, src, after)[:count]
+
+
+def stamp(event: SignalEvent) -> datetime:
+    assert event.source_time is not None
+    return event.source_time
+
+
+@pytest.mark.asyncio
+async def test_a_flow_standing_still_is_refreshed_about_every_second(
+    plc: ModbusPlc, config: Config
+) -> None:
+    await plc.set_order(MIX, "WO-12")
+    await plc.flow(MIX, 1_000)
+    mix = source(config, MIX)
+    rec = Recorder()
+    async with running(mix, rec):
+        await read_done(rec, mix)
+        (read,) = [e for e in reads_of(rec, mix) if e.signal == "flow"]
+        first, second = await refreshed(rec, mix, 2)  # nothing changes meanwhile
+        for event in (first, second):
+            assert (event.signal, event.value, event.quality, event.status, event.address) == (
+                "flow",
+                read.value,
+                Quality.GOOD,
+                "Good",
+                "holding:20",
+            )
+            assert not event.device_time  # when the agent polled, as for every Modbus event
+            assert stamp(event) <= event.received_at
+        assert stamp(read) < stamp(first) < stamp(second)
+        # not once a poll (every 20 ms here) but about once a second: a loose bound, machines
+        # are busy
+        assert stamp(second) - stamp(first) >= timedelta(seconds=REFRESH_S / 2)
+
+        # a change is still a CHANGE, and the next refresh is a second after it
+        mark = rec.mark()
+        await plc.flow(MIX, 250)
+        change = await rec.wait_value("flow", 1_250, after=mark)
+        assert change.origin is Origin.CHANGE
+        (after,) = await refreshed(rec, mix, 1, after=rec.items.index(change))
+        assert after.value == 1_250
+        assert stamp(after) - stamp(change) >= timedelta(seconds=REFRESH_S / 2)
+        flows = [stamp(e) for e in rec.events("flow")]
+        assert flows == sorted(set(flows))  # one poll, one event of a signal
+        assert {e.signal for e in rec.events(origin=Origin.REFRESH)} == {"flow"}
+
+
+@pytest.mark.asyncio
+async def test_a_source_without_flow_refreshes_nothing(plc: ModbusPlc, config: Config) -> None:
+    mix, fill = source(config, MIX), source(config, FILL)
+    rec = Recorder()
+    async with running(mix, rec), running(fill, rec):
+        await refreshed(rec, mix, 2)  # time enough for the other's, had it any
+        assert refreshes_of(rec, fill) == []
+
+
+@pytest.mark.asyncio
+async def test_a_bad_flow_is_not_refreshed(plc: ModbusPlc, config: Config) -> None:
+    await plc.flow(MIX, 40)
+    mix = source(config, MIX)
+    rec = Recorder()
+    async with running(mix, rec):
+        await read_done(rec, mix)
+        await plc.set_exception(MIX, "flow", "DeviceBusy")
+        bad = await rec.wait_for(
+            lambda i: isinstance(i, SignalEvent) and i.signal == "flow" and i.quality is Quality.BAD
+        )
+        mark = rec.mark()
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while loop.time() - since < 3 * REFRESH_S:  # polls for three refresh periods
+            await polls(plc, 2)
+        assert refreshes_of(rec, mix, mark) == []
+        assert mix.connected
+
+        await plc.set_exception(MIX, "flow", None)
+        good = await rec.wait_value("flow", 40, after=mark)
+        assert (good.origin, good.quality) == (Origin.CHANGE, Quality.GOOD)
+        (again,) = await refreshed(rec, mix, 1, after=rec.items.index(good))
+        assert again.value == 40
+        assert stamp(bad) < stamp(good) < stamp(again)
+
+
 # ------------------------------------------------------------------------------ reconnect
 
 
@@ -503,7 +626,7 @@ async def test_a_power_cycle_is_seen_and_what_changed_meanwhile_is_read(
         await read_done(rec, mix, after_back)
         reads = reads_of(rec, mix, after_back)
         assert [e.signal for e in reads] == MIX_SIGNALS
-        assert [i for i in rec.items[after_back:] if i.source == mix.name][1:8] == reads
+        assert [i for i in rec.items[after_back:] if i.source == mix.name][1:9] == reads
         assert {e.signal: e.value for e in reads}["good"] == 77
         mark = rec.mark()
         await plc.produce(MIX, good=1)

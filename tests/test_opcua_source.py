@@ -3,7 +3,8 @@
 What the engine relies on: every signal arrives with the right type, quality and both
 timestamps; everything is read explicitly after each (re)connect; a publish response's changes
 arrive in source-timestamp order; the operation-complete handshake completes through write();
-a PLC power cycle is seen as disconnected → connected plus a READ of what changed meanwhile.
+a PLC power cycle is seen as disconnected → connected plus a READ of what changed meanwhile; a
+flow totalizer that stands still is refreshed about once a second, stamped by the server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import structlog
 from asyncua import ua
+from asyncua.common.callback import CallbackType, ServerItemCallback
 
 from edge_agent.config import Config
 from edge_agent.errors import SignalError
@@ -36,7 +39,16 @@ from tests.support.broker import free_port
 from tests.support.plc import EXAMPLE, Item, Recorder, line_config, running
 
 MIX, FILL = "MIX-1", "FILL-1"
-MIX_SIGNALS = ["order", "good", "scrap", "flow", "scale.tare", "scale.weight", "scale.stable"]
+MIX_SIGNALS = [
+    "order",
+    "feed_lot",
+    "good",
+    "scrap",
+    "flow",
+    "scale.tare",
+    "scale.weight",
+    "scale.stable",
+]
 FILL_SIGNALS = ["order", "complete_good", "complete_scrap", "complete_ack", "complete_request"]
 
 
@@ -96,6 +108,54 @@ async def subscribed(recorder: Recorder, src: OpcUaSource) -> None:
     await recorder.wait_for(initial_done)
 
 
+class RefreshReads:
+    """A source's flow refresh reads as the server sees them (a Read of the flow node alone,
+    asking for both timestamps): counted, and refused with ``refuse`` (a status name) while it
+    is set."""
+
+    def __init__(self, plc: LinePlc, src: OpcUaSource) -> None:
+        self.count = 0
+        self.refuse: str | None = None
+        self._server = plc.server
+        self._flow = ua.NodeId.from_string(src.signals["flow"])
+
+    def __call__(self, event: ServerItemCallback, _: object) -> None:
+        # not async: asyncua awaits the listener only if it is a coroutine function
+        params = event.request_params
+        if (
+            isinstance(params, ua.ReadParameters)
+            and params.TimestampsToReturn == ua.TimestampsToReturn.Both
+            and [r.NodeId for r in params.NodesToRead] == [self._flow]
+        ):
+            self.count += 1
+            if self.refuse is not None:
+                raise getattr(ua.uaerrors, self.refuse)()
+
+    def __enter__(self) -> RefreshReads:
+        assert self._server is not None
+        self._server.subscribe_server_callback(CallbackType.PreRead, self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.unsubscribe_server_callback(CallbackType.PreRead, self)
+
+    async def wait(self, more: int) -> None:
+        """Until ``more`` more refresh reads reached the server."""
+        target = self.count + more
+        async with asyncio.timeout(10):
+            while self.count < target:
+                await asyncio.sleep(0.01)
+
+
+async def refreshes(recorder: Recorder, count: int, after: int = 0) -> list[SignalEvent]:
+    """The first ``count`` REFRESH events from position ``after`` on, once they are there."""
+    await recorder.wait_for(
+        lambda _: len(recorder.events(origin=Origin.REFRESH, after=after)) >= count, after=after
+    )
+    return recorder.events(origin=Origin.REFRESH, after=after)[:count]
+
+
 # ------------------------------------------------------------------------ connect and read
 
 
@@ -111,7 +171,7 @@ async def test_read_after_connect_carries_every_signal_typed_with_quality_and_ti
     mix, fill = source(config, MIX), source(config, FILL)
     rec = Recorder()
     async with running(mix, rec), running(fill, rec):
-        await rec.wait_for(lambda i: len(rec.events(origin=Origin.READ)) == 12)
+        await rec.wait_for(lambda i: len(rec.events(origin=Origin.READ)) == 13)
         for src, names in ((mix, MIX_SIGNALS), (fill, FILL_SIGNALS)):
             items = [i for i in rec.items if i.source == src.name]
             # connected first, then the READ of every node in the documented order
@@ -132,6 +192,7 @@ async def test_read_after_connect_carries_every_signal_typed_with_quality_and_ti
                 assert event.source_time <= event.received_at
         read = {e.signal: e for e in rec.events(origin=Origin.READ) if e.source == mix.name}
         assert read["order"].value == "WO-7"
+        assert read["feed_lot"].value == ""  # no lot in the tank yet
         assert read["good"].value == 5
         assert read["scrap"].value == 2
         assert read["flow"].value == 1234
@@ -306,6 +367,118 @@ async def test_write_is_refused_with_a_signal_error_naming_signal_and_node(
         await fill.write("complete_ack", False)  # as the next test expects the PLC
 
 
+# --------------------------------------------------------------------------- flow refresh
+
+
+@SHARED
+async def test_a_flow_standing_still_is_refreshed_about_every_second_at_the_servers_time(
+    plc: LinePlc, config: Config
+) -> None:
+    await plc.set_order(MIX, "WO-12")
+    await plc.flow(MIX, 5)
+    before = plc.value(MIX, "flow")
+    mix = source(config, MIX)
+    rec = Recorder()
+    async with running(mix, rec):
+        read = await rec.wait_value("flow", before, origin=Origin.READ)
+        first, second = await refreshes(rec, 2)  # nothing changes meanwhile
+        for event in (first, second):
+            assert (event.signal, event.value, event.quality, event.status) == (
+                "flow",
+                before,
+                Quality.GOOD,
+                "Good",
+            )
+            assert (event.address, event.work_centre) == (mix.signals["flow"], MIX)
+            assert event.device_time  # the server's clock, as the PLC's values are stamped
+            assert stamp(event).utcoffset() == timedelta(0)
+            assert stamp(event) <= event.received_at  # the server and the test share a clock
+        # never the SourceTimestamp (when the value last changed): later and later moments
+        assert stamp(read) < stamp(first) < stamp(second)
+
+        # a change is still a CHANGE, with the PLC's timestamp; the refreshes go on from it
+        mark = rec.mark()
+        await plc.flow(MIX, 3)
+        change = await rec.wait_value("flow", before + 3, after=mark)
+        assert change.origin is Origin.CHANGE
+        (after,) = await refreshes(rec, 1, after=rec.items.index(change))
+        assert after.value == before + 3
+        assert stamp(after) > stamp(change)
+        flows = rec.events("flow")
+        assert [stamp(e) for e in flows] == sorted(stamp(e) for e in flows)
+        assert all(stamp(e) < stamp(change) for e in flows if e.value == before)
+        assert {e.signal for e in rec.events(origin=Origin.REFRESH)} == {"flow"}
+
+
+@SHARED
+async def test_a_source_without_flow_refreshes_nothing(plc: LinePlc, config: Config) -> None:
+    mix, fill = source(config, MIX), source(config, FILL)
+    rec = Recorder()
+    async with running(mix, rec), running(fill, rec):
+        await refreshes(rec, 2)  # the flow's: time enough for the other's, had it any
+        assert {e.source for e in rec.events(origin=Origin.REFRESH)} == {mix.name}
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        assert f"opcua[{mix.name}].refresh" in tasks
+        assert f"opcua[{fill.name}].refresh" not in tasks
+
+
+@SHARED
+async def test_a_bad_flow_is_not_refreshed(plc: LinePlc, config: Config) -> None:
+    await plc.set_order(MIX, "WO-13")
+    mix = source(config, MIX)
+    rec = Recorder()
+    try:
+        with RefreshReads(plc, mix) as reads:
+            async with running(mix, rec):
+                await subscribed(rec, mix)
+                await plc.set_quality(MIX, "flow", "BadSensorFailure")
+                bad = await rec.wait_for(
+                    lambda i: isinstance(i, SignalEvent) and i.quality is Quality.BAD
+                )
+                mark = rec.mark()
+                await reads.wait(3)  # three reads since: the first two's answers are in
+                assert rec.events(origin=Origin.REFRESH, after=mark) == []
+                assert mix.connected
+
+                await plc.set_quality(MIX, "flow", "Good")
+                good = await rec.wait_for(
+                    lambda i: isinstance(i, SignalEvent) and i.quality is Quality.GOOD, after=mark
+                )
+                assert isinstance(good, SignalEvent)
+                assert (good.signal, good.origin) == ("flow", Origin.CHANGE)
+                (again,) = await refreshes(rec, 1, after=rec.items.index(good))
+                assert again.value == good.value
+                assert stamp(again) > stamp(good) > stamp(bad)
+    finally:
+        await plc.set_quality(MIX, "flow", "Good")
+
+
+@SHARED
+async def test_a_refused_refresh_read_is_skipped_and_the_connection_stays(
+    plc: LinePlc, config: Config
+) -> None:
+    await plc.set_order(MIX, "WO-14")
+    mix = source(config, MIX)
+    rec = Recorder()
+    with structlog.testing.capture_logs() as logs, RefreshReads(plc, mix) as reads:
+        reads.refuse = "BadTooManyOperations"
+        async with running(mix, rec):
+            await subscribed(rec, mix)
+            mark = rec.mark()
+            await reads.wait(3)  # three refused: the first two's answers are in
+            assert rec.events(origin=Origin.REFRESH) == []
+            failed = [e for e in logs if e["event"] == "opcua_refresh_failed"]
+            assert len(failed) == 1  # said once, not once a second
+            assert "BadTooManyOperations" in failed[0]["error"]
+            assert mix.connected
+            assert len(rec.statuses()) == 1  # no reconnect (and no READ of everything again)
+
+            reads.refuse = None
+            await refreshes(rec, 1, after=mark)
+            assert "opcua_refresh_recovered" in [e["event"] for e in logs]
+    assert len(rec.events(origin=Origin.READ)) == len(mix.signals)
+
+
 # ------------------------------------------------------------------------------ reconnect
 
 
@@ -340,7 +513,7 @@ async def test_plc_restart_disconnects_then_reconnects_and_reads_what_changed(
             e for e in rec.events(origin=Origin.READ, after=after_back) if e.source == mix.name
         ]
         assert [e.signal for e in reads] == MIX_SIGNALS
-        assert [i for i in rec.items[after_back:] if i.source == mix.name][1:8] == reads
+        assert [i for i in rec.items[after_back:] if i.source == mix.name][1:9] == reads
 
         # the new connection delivers changes, and writes work again
         await subscribed(rec, mix)
@@ -416,6 +589,7 @@ async def test_cancelling_run_disconnects_and_leaves_nothing_behind(
     rec = Recorder()
     async with running(mix, rec):
         await subscribed(rec, mix)
+        await refreshes(rec, 1)  # the flow refresh task too
         assert mix.connected
         assert len(sessions) == count + 1
     assert not mix.connected

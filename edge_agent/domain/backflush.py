@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from edge_agent.domain.explosion import Component, ComponentKey, ExplodedBom
 from edge_agent.domain.masterdata import MasterData, PostingMethod, parse_decimal
-from edge_agent.domain.quantities import convert, round_to_increment
+from edge_agent.domain.quantities import Exact, convert, fmt, round_to_increment
 from edge_agent.errors import ConsumptionError
 
 ZERO = Decimal(0)
@@ -209,10 +209,11 @@ def meter(
     master: MasterData,
     state: ConsumptionState,
     component: Component,
-    delta: Decimal,
+    delta: Exact,
     uom: str,
 ) -> tuple[ConsumptionState, ComponentPosting]:
-    """Post a flow-meter totalizer delta (in ``uom``) for a ``meter`` component.
+    """Post a flow-meter totalizer delta (in ``uom``; exact, e.g. a time slice's interpolated
+    quantity) for a ``meter`` component.
 
     The delta is converted exactly to the issue unit and accumulated; rounding is carried on the
     cumulative metered quantity, so the postings add up to the rounded metered total.
@@ -229,7 +230,7 @@ def _measured(
     master: MasterData,
     state: ConsumptionState,
     component: Component,
-    amount: Decimal,
+    amount: Exact,
     uom: str,
 ) -> tuple[ConsumptionState, ComponentPosting]:
     material = master.materials[component.material]
@@ -237,7 +238,7 @@ def _measured(
     measured = prior.measured + convert(amount, uom, material.uom, material.density)
     if measured < 0:
         raise ConsumptionError(
-            f"material {component.material}: a correction of {amount} {uom} would take the "
+            f"material {component.material}: a correction of {fmt(amount)} {uom} would take the "
             f"measured quantity below zero"
         )
     issued, quantity = _issue(master, component, measured, prior)

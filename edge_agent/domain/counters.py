@@ -12,6 +12,9 @@ it once. What a new reading means is decided explicitly here:
   reading: a re-ordered notification) count nothing and leave the state as it was.
 - **rollover**: a smaller value within the rollover window of the counter's width wraps
   (serial-number arithmetic, RFC 1982: by default half the range).
+- **jitter**: a value smaller by at most the counter's ``jitter`` (a float totalizer that
+  wobbles down by a step) counts nothing and keeps the last value, so the wobble back up is not
+  counted either; only what rises past the last value counts.
 - **reset**: a smaller value outside that window is a counter restarted from zero (PLC restart,
   order change): what it shows now is counted, and the reading is flagged so the caller raises an
   exception (counts between the last reading and the reset cannot be known).
@@ -33,6 +36,7 @@ class CounterChange(StrEnum):
     UNCHANGED = "unchanged"
     STALE = "stale"
     ROLLOVER = "rollover"
+    JITTER = "jitter"
     RESET = "reset"
 
 
@@ -50,8 +54,12 @@ class CounterSpec:
     scale: Decimal = Decimal(1)
     rollover_window: int | None = None  # default: half the range
     rollover_at: int | None = None
+    #: a decrease of at most this many counts is noise, not a rollover or a reset
+    jitter: int = 0
 
     def __post_init__(self) -> None:
+        if self.jitter < 0:
+            raise ValueError(f"a counter's jitter cannot be negative (got {self.jitter})")
         if self.width is not None and self.width not in (16, 32, 64):
             raise ValueError(f"counter width must be 16, 32 or 64 bits (got {self.width})")
         if self.scale <= 0:
@@ -111,11 +119,20 @@ def read_counter(
         return CounterReading(new, CounterChange.UNCHANGED, 0)
     if raw > state.raw:
         return CounterReading(new, CounterChange.INCREASE, raw - state.raw)
+    return _decrease(spec, state, new)
+
+
+def _decrease(spec: CounterSpec, state: CounterState, new: CounterState) -> CounterReading:
+    """A value below the last: a wobble, a rollover or a reset."""
+    assert state.raw is not None
+    assert new.raw is not None
+    if state.raw - new.raw <= spec.jitter:
+        return CounterReading(state, CounterChange.JITTER, 0)
     if spec.modulus is not None:
-        wrapped = spec.modulus - state.raw + raw
+        wrapped = spec.modulus - state.raw + new.raw
         if wrapped <= spec.window:
             return CounterReading(new, CounterChange.ROLLOVER, wrapped)
-    return CounterReading(new, CounterChange.RESET, raw)
+    return CounterReading(new, CounterChange.RESET, new.raw)
 
 
 def quantity(spec: CounterSpec, counts: int) -> Decimal:

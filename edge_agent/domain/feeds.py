@@ -40,7 +40,7 @@ from itertools import pairwise
 from types import MappingProxyType
 from typing import Any, Final
 
-from edge_agent.domain.lots import Held, HoldReason, Lot, LotStatus
+from edge_agent.domain.lots import BindingState, Fill, Held, HoldReason, Lot, LotDraw, LotStatus
 from edge_agent.domain.masterdata import Material, parse_decimal, parse_timestamp
 from edge_agent.domain.quantities import Exact, fmt, round_to_increment
 from edge_agent.errors import ConsumptionError
@@ -387,7 +387,7 @@ def _unusable(
 ) -> tuple[HoldReason, str] | None:
     """Why a feed's lot cannot be drawn for material passing the meter at ``at`` (None: it can,
     as far as its status and expiry go)."""
-    if staged is None:
+    if staged is None or not staged.lot:
         return HoldReason.NO_STAGE, f"no lot of {material.id} was staged to the feed by then"
     if staged.material != material.id:
         return HoldReason.NO_STAGE, (
@@ -434,6 +434,18 @@ def _draw(
         HoldReason.INSUFFICIENT,
         f"lot {lot.lot} has only {lot.quantity} {material.uom} left of {posted} {material.uom}",
     )
+
+
+def record_slice(state: BindingState, feed_slice: FeedSlice) -> BindingState:
+    """The component's binding state with a slice's draws and holds added: one fill per part
+    drawn from a lot (so a later reversal returns it to that lot), what was held added to
+    ``held``."""
+    fills = [
+        Fill(p.material, p.drawn, (LotDraw(p.lot, p.material, p.drawn),))
+        for p in feed_slice.parts
+        if p.lot and p.drawn > 0
+    ]
+    return replace(state, fills=(*state.fills, *fills), held=state.held + feed_slice.held)
 
 
 # --------------------------------------------------------------------------- when to slice

@@ -167,7 +167,8 @@ DISPLAY_PLACES: Final = 12
 
 
 def to_decimal(value: Exact) -> Decimal:
-    """An exact value as a Decimal: exact when its decimal expansion ends, else to 12 places.
+    """An exact value as a Decimal: exact when its decimal expansion ends within 12 places,
+    else rounded (half up) to 12 places.
 
     Only for display and reporting of theoretical values (an unrounded 1/3 kg has no exact decimal
     form); postings are always exact multiples of an increment and never pass through here.
@@ -181,10 +182,11 @@ def to_decimal(value: Exact) -> Decimal:
         # terminating: find the exponent that makes it an integer
         places = 0
         scaled = f
-        while scaled.denominator != 1:
+        while scaled.denominator != 1 and places < DISPLAY_PLACES:
             scaled *= 10
             places += 1
-        return _scaled(scaled.numerator, -places)
+        if scaled.denominator == 1:
+            return _scaled(scaled.numerator, -places)
     return round_to_increment(f, Decimal(1).scaleb(-DISPLAY_PLACES), Rounding.HALF_UP)
 
 

@@ -21,6 +21,7 @@ from typing import Final, Protocol
 #: order change, quantities before the handshake request that reports them, the request last.
 SIGNAL_ORDER: Final[tuple[str, ...]] = (
     "order",
+    "feed_lot",
     "good",
     "scrap",
     "flow",
@@ -58,6 +59,13 @@ class Quality(StrEnum):
 class Origin(StrEnum):
     CHANGE = "change"  # a subscription notification or a poll that saw a change
     READ = "read"  # an explicit read after a (re)connect, so a missed delta still counts once
+    #: an unchanged flow totalizer read again (about once a second), so the engine knows the
+    #: value still held at this moment and can close a time slice while the flow stands still
+    REFRESH = "refresh"
+
+
+#: How often a source re-emits an unchanged flow totalizer (``Origin.REFRESH``), in seconds.
+REFRESH_S: Final = 1.0
 
 
 SignalValue = Decimal | int | bool | str | None

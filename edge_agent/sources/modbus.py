@@ -20,6 +20,12 @@ OPC UA source's. What registers mean is decoded by :mod:`edge_agent.sources.modb
   value still carries the whole delta. A poll sees states, not edges: a flag that drops and
   rises again between two polls is not seen to drop (a scale's stable flag stays low while the
   load moves, far longer than a poll interval; keep ``poll_interval_ms`` below that).
+  One exception: the flow totalizer, which says nothing while it stands still, though the
+  engine needs a reading at or after the end of a time slice to post it. A ``flow`` that is
+  Good and unchanged is emitted again (``Origin.REFRESH``, same value) by the first poll at
+  least :data:`~edge_agent.sources.REFRESH_S` after the last flow event of this connection
+  (READ, CHANGE or REFRESH; measured on the monotonic clock between poll starts): "at this
+  poll the totalizer still had this value". Never while it is Bad, never for another signal.
 - **Time.** Modbus carries no timestamps: ``source_time`` is the moment the poll started (the
   same for every event of one poll, strictly increasing from poll to poll even if the clock
   steps back), ``received_at`` the moment its last response arrived.
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -63,6 +70,7 @@ from edge_agent.config import ModbusCounter, ModbusRegister
 from edge_agent.config import ModbusSource as ModbusSourceConfig
 from edge_agent.errors import SignalError
 from edge_agent.sources import (
+    REFRESH_S,
     SIGNAL_ORDER,
     Emit,
     Origin,
@@ -92,6 +100,7 @@ log = structlog.get_logger(__name__)
 #: what each signal is for, which decides the type of its values
 ROLES: Final[dict[str, Role]] = {
     "order": Role.TEXT,
+    "feed_lot": Role.TEXT,
     "good": Role.COUNTER,
     "scrap": Role.COUNTER,
     "flow": Role.COUNTER,
@@ -105,6 +114,8 @@ ROLES: Final[dict[str, Role]] = {
 }
 
 _GOOD: Final = "Good"
+#: the signal re-emitted while it stands still (Origin.REFRESH)
+REFRESHED: Final = "flow"
 _TICK: Final = timedelta(microseconds=1)
 
 # Library errors that mean "this connection failed"; anything else is a bug and is logged.
@@ -354,6 +365,7 @@ class _Connection:
         self._reason = ""
         self._last: dict[str, _Reading] = {}
         self._refused: dict[ReadRequest, str] = {}  # requests answering an exception now
+        self._refreshed_at = -math.inf  # the loop time of the poll that last emitted the flow
 
     @property
     def usable(self) -> bool:
@@ -428,9 +440,11 @@ class _Connection:
                 push(event)
 
     async def poll(self, origin: Origin) -> list[SignalEvent]:
-        """Read every request once; the events of what changed (everything for a READ)."""
+        """Read every request once; the events of what changed (everything for a READ), and
+        the flow again while it stands still (REFRESH)."""
         source = self._source
         started = source._stamp()
+        moment = asyncio.get_running_loop().time()
         readings: dict[str, _Reading] = {}
         for request in source._requests:
             readings.update(await self._read(request))
@@ -438,7 +452,18 @@ class _Connection:
         events = []
         for name, field in source._fields.items():
             reading = readings[name]
+            emitted: Origin | None = None
             if origin is Origin.READ or self._last.get(name) != reading:
+                emitted = origin
+            elif (
+                name == REFRESHED
+                and reading[1] is Quality.GOOD
+                and moment - self._refreshed_at >= REFRESH_S
+            ):
+                emitted = Origin.REFRESH
+            if emitted is not None:
+                if name == REFRESHED:
+                    self._refreshed_at = moment
                 value, quality, status = reading
                 events.append(
                     SignalEvent(
@@ -452,7 +477,7 @@ class _Connection:
                         source_time=started,
                         device_time=False,
                         received_at=received_at,
-                        origin=origin,
+                        origin=emitted,
                     )
                 )
             self._last[name] = reading

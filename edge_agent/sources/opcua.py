@@ -16,6 +16,27 @@ delta, a handshake edge, a weighing) is decided by the engine.
   order before a counter zeroed by the same order change, ``complete_request`` last).
   ``emit`` is awaited by a delivery task of this source, never inside asyncua's receive path, so
   a slow engine cannot stall asyncua (the events wait in an unbounded queue meanwhile).
+- **Flow refresh.** A subscription reports changes only, so a flow totalizer that stands still
+  says nothing, and the engine cannot close a time slice. With ``flow`` configured, a task of
+  the connection reads the flow node about every :data:`~edge_agent.sources.REFRESH_S` seconds
+  (one Read service call, ``MaxAge`` 0, both timestamps). When the value read is Good and the
+  same value, quality and status as the last flow event emitted, it is emitted again with
+  ``Origin.REFRESH``: "the totalizer still had this value at ``source_time``".
+  ``source_time`` is a moment on the server's clock (the one that stamps the PLC's values),
+  never the SourceTimestamp (when the value last changed): the later of the value's
+  ServerTimestamp and the moment the server answered the previous refresh read (its response
+  header's timestamp). Both are at or before this read, and the totalizer only counts up, so the
+  same value at the last flow event and at this read means it held all the while in between. The
+  previous answer is needed because a server may give as ServerTimestamp when the value was
+  last written, not when it was read (asyncua's server does), so a refresh may lag its read by
+  up to ``REFRESH_S``; only a server that stamps neither its answers nor its values gets the
+  moment the answer arrived (``device_time=False``). A refresh goes through the same path as the
+  notifications, after those already taken from asyncua, and never with a ``source_time`` at or
+  before the last flow event's (it is skipped then: it would say nothing new). A value that
+  differs is skipped too: the subscription delivers that change, with its own timestamp. A read
+  that fails is skipped until the next one (logged once): a dead connection is found by the
+  watchdog and the subscription, and a server that refuses the read must not cost a reconnect
+  (and a full READ) every second.
 - **Deadband.** The configured absolute ``subscription.deadband`` applies to the analog scale
   nodes (``scale.weight``, ``scale.tare``) only. Counters, the order, the handshake quantities and
   booleans are never filtered: a suppressed counter step or edge would be a lost count.
@@ -44,7 +65,7 @@ import math
 import random
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -62,12 +83,14 @@ from asyncua.common.subscription import (
 )
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.ua_binary import struct_from_binary
 from asyncua.ua.uaerrors import UaError
 
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.config import Signals
 from edge_agent.errors import SignalError
 from edge_agent.sources import (
+    REFRESH_S,
     SIGNAL_ORDER,
     Emit,
     Origin,
@@ -109,6 +132,8 @@ _INTEGER_RANGES: Final = {
     ua.VariantType.UInt64: (0, 2**64 - 1),
 }
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
+#: OPC UA's null DateTime, which is no timestamp
+_NULL_TIME: Final = datetime(1601, 1, 1, tzinfo=UTC)
 _DISCONNECT_TIMEOUT_S: Final = 2.0
 
 # Library errors that mean "this connection (attempt) failed"; anything else is a bug and
@@ -124,6 +149,7 @@ def signal_nodes(signals: Signals) -> dict[str, str]:
         "good": signals.good,
         "scrap": signals.scrap,
         "flow": signals.flow,
+        "feed_lot": signals.feed_lot,
         "complete_good": signals.complete_good,
         "complete_scrap": signals.complete_scrap,
         "scale.tare": scale.tare if scale else None,
@@ -197,6 +223,12 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def server_moment(moment: datetime | None) -> datetime | None:
+    """A timestamp the server gave, in UTC; None when it gave none (or OPC UA's null one)."""
+    moment = _aware(moment)
+    return moment if moment is not None and moment > _NULL_TIME else None
 
 
 def _describe(exc: BaseException) -> str:
@@ -365,6 +397,8 @@ class _Connection:
         self._by_handle: dict[int, _Signal] = {}
         self._types: dict[str, ua.VariantType] = {}
         self._pending: list[SignalEvent] = []
+        self._last_flow: SignalEvent | None = None  # the last flow event emitted
+        self._answered: datetime | None = None  # when the server answered the last refresh read
         self._lost = asyncio.Event()
         self._reason = ""
         self._session_open = False  # connect() completed: a session and asyncua's tasks exist
@@ -415,6 +449,8 @@ class _Connection:
             self._event(sig, dv, received_at, Origin.READ)
             for sig, dv in zip(signals, values, strict=True)
         ]
+        for event in reads:  # emitted by the run loop before serve() starts the refresh
+            self._note(event)
         async with asyncio.timeout(source._request_timeout_s):
             await self._subscribe(client, signals, nodes)
         return reads
@@ -485,17 +521,22 @@ class _Connection:
                 )
 
     async def serve(self) -> str:
-        """Pump notifications until the connection is lost; returns why it was."""
+        """Pump notifications (and refresh the flow) until the connection is lost; returns why
+        it was."""
         assert self._subscription is not None
-        pump = asyncio.create_task(
-            self._pump(self._subscription), name=f"opcua[{self._source.name}].pump"
-        )
+        name = self._source.name
+        tasks = [asyncio.create_task(self._pump(self._subscription), name=f"opcua[{name}].pump")]
+        flow = self._source._signals.get("flow")
+        if flow is not None:
+            tasks.append(asyncio.create_task(self._refresh(flow), name=f"opcua[{name}].refresh"))
         try:
             await self._lost.wait()
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self._flush()
         return self._reason
 
@@ -533,7 +574,90 @@ class _Connection:
             return
         batch, self._pending = self._pending, []
         for event in in_source_order(batch):
+            self._note(event)
             self._push(event)
+
+    def _note(self, event: SignalEvent) -> None:
+        if event.signal == "flow":
+            self._last_flow = event
+
+    async def _refresh(self, sig: _Signal) -> None:
+        """Read the flow node about every REFRESH_S and emit it again while it is unchanged."""
+        loop = asyncio.get_running_loop()
+        timeout = self._source._request_timeout_s
+        due = loop.time()
+        failing = False
+        while True:
+            due = max(due + REFRESH_S, loop.time())  # a late read is not made up for
+            await asyncio.sleep(due - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    value, answered = await self._read_flow(sig)
+            except _CONNECTION_ERRORS as exc:
+                # skipped: a dead connection is found by the watchdog and the subscription
+                if not failing:
+                    log.warning(
+                        "opcua_refresh_failed",
+                        source=self._source.name,
+                        node=sig.address,
+                        error=_describe(exc),
+                    )
+                failing = True
+                continue
+            except Exception as exc:  # a bug: as for the pump
+                log.error("opcua_refresh_crashed", source=self._source.name, exc_info=exc)
+                self._lose(f"flow refresh failed: {_describe(exc)}")
+                return
+            if failing:
+                log.info("opcua_refresh_recovered", source=self._source.name, node=sig.address)
+                failing = False
+            self._refreshed(sig, value, answered, _now())
+
+    async def _read_flow(self, sig: _Signal) -> tuple[ua.DataValue, datetime | None]:
+        """One Read service call of the flow node: its value, and when the server answered."""
+        client = self._client
+        assert client is not None
+        request = ua.ReadRequest()
+        request.Parameters = ua.ReadParameters(
+            MaxAge=0,  # from the device, not a cache
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[ua.ReadValueId(NodeId=sig.node_id, AttributeId=AttributeIds.Value)],
+        )
+        # the session's request path, as asyncua's own reads take, to keep the response header
+        # (its timestamp): Client.read_attributes returns the results alone (and asks for the
+        # source timestamp only, and logs every call at INFO)
+        data = await client.uaclient._send_request(request)
+        response = struct_from_binary(ua.ReadResponse, data)
+        response.ResponseHeader.ServiceResult.check()
+        if len(response.Results) != 1:
+            raise UaError(f"a read of 1 node answered with {len(response.Results)} results")
+        return response.Results[0], server_moment(response.ResponseHeader.Timestamp)
+
+    def _refreshed(
+        self, sig: _Signal, value: ua.DataValue, answered: datetime | None, received_at: datetime
+    ) -> None:
+        previous = self._answered  # before this read was made: the value at that moment ...
+        self._answered = answered or previous
+        self._flush()  # the notifications already taken go first, and are what it is compared to
+        last = self._last_flow
+        if last is None or last.quality is not Quality.GOOD:
+            return
+        event = self._event(sig, value, received_at, Origin.REFRESH)
+        if (event.value, event.quality, event.status) != (last.value, last.quality, last.status):
+            return  # changed: the subscription delivers the change, with its own timestamp
+        # ... is the value now, if it was at the last event before it too (it only counts up)
+        moments = [m for m in (server_moment(value.ServerTimestamp), previous) if m is not None]
+        if moments:
+            moment, device_time = max(moments), True
+        elif answered is None:
+            moment, device_time = received_at, False  # a server that stamps nothing
+        else:
+            return  # the first read: when it was answered serves the next
+        if last.source_time is not None and moment <= last.source_time:
+            return  # nothing new (or a moment the value may not have held)
+        event = replace(event, source_time=moment, device_time=device_time)
+        self._note(event)
+        self._push(event)
 
     def _event(
         self, sig: _Signal, dv: ua.DataValue | None, received_at: datetime, origin: Origin

@@ -198,3 +198,41 @@ def test_a_counter_rolling_over_at_a_decimal_limit() -> None:
     assert quantity(spec, wrapped.counts) == Decimal("0.75")
     with pytest.raises(SignalError, match="rolling over at 100000000"):
         read_counter(spec, wrapped.state, 100_000_000, at + timedelta(seconds=2))
+
+
+def test_a_wobble_down_within_the_jitter_counts_nothing_and_keeps_the_last_value() -> None:
+    spec = CounterSpec(None, Decimal("0.01"), rollover_at=10_000_000, jitter=2)
+    assert readings(spec, 500, 520, 519, 518, 520, 521, 400) == [
+        (CounterChange.BASELINE, 0),
+        (CounterChange.INCREASE, 20),
+        (CounterChange.JITTER, 0),
+        (CounterChange.JITTER, 0),
+        (CounterChange.UNCHANGED, 0),  # back to 520: the wobble back up counts nothing
+        (CounterChange.INCREASE, 1),
+        (CounterChange.RESET, 400),  # beyond the jitter: a reset as before
+    ]
+    with pytest.raises(ValueError, match="jitter"):
+        CounterSpec(jitter=-1)
+
+
+@given(
+    st.integers(0, 5),
+    st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 5)), min_size=1, max_size=60),
+)
+def test_a_wobbling_totalizer_counts_exactly_its_rise(
+    jitter: int, steps: list[tuple[int, int]]
+) -> None:
+    """A totalizer that rises and, read by read, may show up to ``jitter`` counts less than it
+    reached: what is counted is exactly its highest value less its first, and never a reset."""
+    spec = CounterSpec(None, Decimal(1), rollover_at=10**9, jitter=jitter)
+    state, total, top = CounterState(), 0, 10_000
+    baseline = None
+    for n, (rise, wobble) in enumerate(steps):
+        top += rise
+        shown = top - min(wobble, jitter)
+        baseline = shown if baseline is None else baseline
+        r = read_counter(spec, state, shown, at(n))
+        assert r.change is not CounterChange.RESET
+        state, total = r.state, total + r.counts
+    r = read_counter(spec, state, top, at(len(steps)))  # the last read shows where it got to
+    assert total + r.counts == top - baseline

@@ -162,3 +162,11 @@ def test_every_family_has_its_base_unit() -> None:
         Dimension.COUNT: "pc",
         Dimension.LENGTH: "m",
     }
+
+
+def test_to_decimal_keeps_at_most_twelve_places() -> None:
+    """A terminating value with a longer expansion (an interpolated totalizer: 1/2**20 L) is
+    rounded for display like a repeating one, so it fits the wire's 12 places."""
+    assert to_decimal(Fraction(1, 8)) == Decimal("0.125")
+    assert to_decimal(Fraction(1, 2**20)) == Decimal("0.000000953674")
+    assert to_decimal(Fraction(1, 3)) == Decimal("0.333333333333")

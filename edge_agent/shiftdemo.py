@@ -11,15 +11,16 @@ import logging
 import sys
 import tempfile
 import time
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_agent.domain.quantities import fmt
+from edge_agent.domain.quantities import Rounding, fmt, round_to_increment
 from edge_agent.logs import configure_logging
-from simulators.shift import Reconciliation, ShiftPlan, SourceKind, run_shift
+from simulators.shift import DEMO_FEED_LOTS, Reconciliation, ShiftPlan, SourceKind, run_shift
 
 
 def run_shift_demo(
@@ -29,13 +30,20 @@ def run_shift_demo(
     plan: ShiftPlan | None = None,
     kind: SourceKind = "opcua",
 ) -> int:
-    plan = plan or ShiftPlan()
+    # the water tank is switched halfway, before the agent's restart: each lot's water is shown
+    plan = plan or ShiftPlan(feed_lots=DEMO_FEED_LOTS[:2])
     where = f"the broker at {broker[0]}:{broker[1]}" if broker else "an embedded MQTT broker"
     out.print(
         f"[bold]edge-agent demo[/bold] — a shift on the example line: "
         f"{', '.join(f'{o} × {n}' for o, n in plan.orders)} tubes of FG-100 through mixing "
         "(counters, flow meter, scale) and filling (operation-complete handshake).\n"
-        f"  {'OPC UA' if kind == 'opcua' else 'Modbus TCP'} PLC simulator → edge-agent (daemon "
+        + (
+            f"  The water tank is switched from lot {plan.feed_lots[0]} to "
+            f"{', '.join(plan.feed_lots[1:])} during the shift.\n"
+            if len(plan.feed_lots) > 1
+            else ""
+        )
+        + f"  {'OPC UA' if kind == 'opcua' else 'Modbus TCP'} PLC simulator → edge-agent (daemon "
         f"process) → {where} → MES simulator.\n"
         "  In the middle: the broker goes down"
         + (" (embedded broker only)" if broker else "")
@@ -109,6 +117,23 @@ def _print(out: Console, r: Reconciliation, seconds: float) -> None:
     summary.add_row("audit chain", "intact" if r.audit_ok else "[red]BROKEN[/red]")
     summary.add_row("duration", f"{seconds:.0f} s")
     out.print(summary)
+    if r.feed_lots:
+        feed = Table(
+            title="Water per tank lot: metered while the lot was at the meter (the PLC's own "
+            "meter history, after the hold-up lag) vs drawn from it in the MES ledger",
+            title_justify="left",
+        )
+        for col in ("lot", "expected L", "drawn L", "difference"):
+            feed.add_column(col, justify="left" if col == "lot" else "right")
+        for lot, x in r.feed_lots.items():
+            expected = round_to_increment(x.expected, Decimal("0.01"), Rounding.HALF_UP)
+            feed.add_row(lot or "(no lot)", fmt(expected), fmt(x.posted), fmt(x.posted - expected))
+        out.print(feed)
+        out.print(
+            "  The agent splits the flow between lots by interpolating between its readings of the "
+            "totalizer, so a lot's share can differ by what the meter moved in the one reading "
+            "interval the change-over falls in; the total is exact."
+        )
     if r.exceptions:
         exc = Table(title="Exceptions raised to the MES", title_justify="left")
         exc.add_column("code")

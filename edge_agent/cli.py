@@ -34,6 +34,7 @@ from edge_agent.errors import (
     StoreError,
 )
 from edge_agent.logs import configure_logging
+from edge_agent.messages import write_schemas
 from edge_agent.reports import print_table
 from edge_agent.shiftdemo import run_shift_demo
 from edge_agent.status import show_status
@@ -123,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("config", type=Path, metavar="CONFIG.toml")
 
+    schemas = sub.add_parser(
+        "schemas",
+        help="write the JSON Schema of every message kind the agent publishes",
+        description=(
+            "Write one JSON Schema file per message kind (material-consumed, "
+            "production-confirmation, exception), generated from the typed models the agent "
+            "uses, into DIR (the repository keeps them in docs/schemas)."
+        ),
+    )
+    schemas.add_argument("directory", type=Path, metavar="DIR")
+
     demo = sub.add_parser(
         "demo",
         help="run a scripted shift on the example line, end to end, and reconcile it",
@@ -165,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "run": _run,
         "status": _status,
+        "schemas": _schemas,
     }
     try:
         return commands[args.command](args, out)
@@ -206,6 +219,12 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     config = load_config(args.config)
     configure_logging(args.log_level, args.log_format)
     return serve(config)
+
+
+def _schemas(args: argparse.Namespace, out: Console) -> int:
+    for path in write_schemas(args.directory):
+        out.print(str(path), markup=False)
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace, out: Console) -> int:

@@ -25,6 +25,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -262,9 +263,39 @@ def parse_message(
         raise InputError("invalid message: " + "; ".join(problems)) from None
 
 
+#: the JSON Schema dialect of the generated schemas
+SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema of every message kind, by kind (for the MES side)."""
+    """The JSON Schema of every message kind, by kind (for the MES side), generated from the
+    same pydantic models the agent writes and the MES simulator parses with."""
+    out = {}
+    for model, kind in KIND_OF.items():
+        schema = model.model_json_schema(by_alias=True, mode="serialization")
+        out[kind.value] = {
+            "$schema": SCHEMA_DRAFT,
+            "$id": f"{SCHEMA_PREFIX}{kind.value}/v{VERSION}",
+            **schema,
+        }
+    return out
+
+
+def schema_files() -> dict[str, str]:
+    """File name → text of every message kind's schema: ``{kind}.v{version}.schema.json``,
+    stable (sorted keys, two-space indent, a final newline) so a drift shows as a diff."""
     return {
-        kind.value: model.model_json_schema(by_alias=True, mode="serialization")
-        for model, kind in KIND_OF.items()
+        f"{kind}.v{VERSION}.schema.json": json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        for kind, schema in json_schemas().items()
     }
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    """Write :func:`schema_files` into ``directory`` (created if missing); the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in schema_files().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,84 @@
+"""The published JSON Schemas (docs/schemas/): generated from the models the agent writes with,
+kept in the repository, and accepting the messages the engine really produces.
+
+An independent validator (jsonschema) checks them: a schema only pydantic agrees with would not
+help an MES team that validates with its own tools.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from edge_agent.cli import main
+from edge_agent.messages import Kind, schema_files
+from edge_agent.store import Store
+from tests.test_engine_feeds import (
+    commit,
+    event,
+    load,
+    make_config,
+    outbox,
+    the_example,
+)
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+
+
+def test_the_schema_files_in_the_repository_are_the_models_schemas() -> None:
+    expected = schema_files()
+    present = {p.name: p.read_text(encoding="utf-8") for p in SCHEMA_DIR.glob("*.json")}
+    assert set(present) == set(expected), "run: edge-agent schemas docs/schemas"
+    for name, text in expected.items():
+        assert present[name] == text, (
+            f"{name} drifted from the models: edge-agent schemas docs/schemas"
+        )
+    assert {json.loads(t)["$id"] for t in expected.values()} == {
+        f"edge-agent/{kind.value}/v1" for kind in Kind
+    }
+
+
+def test_the_cli_writes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schemas", str(tmp_path / "out")]) == 0
+    written = {p.name: p.read_text(encoding="utf-8") for p in (tmp_path / "out").iterdir()}
+    assert written == schema_files()
+    assert "material-consumed.v1.schema.json" in capsys.readouterr().out
+
+
+@pytest.mark.asyncio
+async def test_real_messages_are_valid_and_broken_ones_are_not(tmp_path: Path) -> None:
+    """The worked feed example (a split meter posting with lot windows), a lot held and a
+    signal_invalid exception: every message the engine wrote validates against its kind's schema;
+    a quantity as a JSON number, or a field the contract does not have, does not."""
+    validators = {
+        kind.value: Draft202012Validator(
+            json.loads((SCHEMA_DIR / f"{kind.value}.v1.schema.json").read_text())
+        )
+        for kind in Kind
+    }
+    for validator in validators.values():
+        Draft202012Validator.check_schema(validator.schema)
+    async with Store.open(tmp_path / "agent.db") as store:
+        engine = await load(make_config(tmp_path), store)
+        for e in the_example(engine):
+            engine.apply(e)
+        engine.apply(event("feed_lot", "NOT-STAGED", datetime(2026, 11, 22, 8, 3, tzinfo=UTC)))
+        engine.apply(event("good", "not a number", datetime(2026, 11, 22, 8, 4, tzinfo=UTC)))
+        await commit(engine, store)
+        rows = await store.outbox_batch(1000)
+        kinds = {r.topic.rsplit("/", 1)[1] for r in rows}
+        assert kinds == {k.value for k in Kind}
+        for row in rows:
+            payload = json.loads(row.payload)
+            errors = list(validators[row.topic.rsplit("/", 1)[1]].iter_errors(payload))
+            assert errors == [], (payload, errors)
+        assert await outbox(store)  # and the models parse them too
+    consumed = next(json.loads(r.payload) for r in rows if r.topic.endswith("material-consumed"))
+    validator = validators["material-consumed"]
+    assert not validator.is_valid({**consumed, "quantity": 2.6})
+    assert not validator.is_valid({**consumed, "unexpected": "field"})
+    assert not validator.is_valid({k: v for k, v in consumed.items() if k != "message_id"})

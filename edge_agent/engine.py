@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from itertools import pairwise
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -72,6 +71,7 @@ from edge_agent.domain.feeds import (
     SlicePart,
     TotalizerReading,
     due_slices,
+    reading_gap,
     record_slice,
     slice_feed,
     totalizer_at,
@@ -901,7 +901,7 @@ class Engine:
 
     def _due(self, flow: FlowConfig, feed: FeedState, now: datetime) -> bool:
         assert feed.until is not None
-        return bool(due_slices(feed.until, now, _seconds(flow.slice_s), feed.boundaries))
+        return bool(due_slices(feed.until, now, timedelta(seconds=flow.slice_s), feed.boundaries))
 
     def _feed_lot(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
         """The lot in the feed, as the PLC shows it: a change-over from this moment (a lot
@@ -971,7 +971,9 @@ class Engine:
         last = feed.last
         assert feed.until is not None
         assert last is not None
-        for start, end in due_slices(feed.until, last[0], _seconds(flow.slice_s), feed.boundaries):
+        for start, end in due_slices(
+            feed.until, last[0], timedelta(seconds=flow.slice_s), feed.boundaries
+        ):
             self._begin_step()
             self._post_slice(source, wc, feed, start, end, trigger)
         # what the next slice cannot need any more
@@ -998,7 +1000,7 @@ class Engine:
         timeline = feed.timeline()
         end_total = totalizer_at(timeline, end)
         amount = end_total - feed.until_total
-        gap = _longest_gap(timeline, start, end)
+        gap = reading_gap(timeline, start, end)
         feed.until, feed.until_total = end, end_total
         if amount == 0:
             return
@@ -1021,7 +1023,7 @@ class Engine:
             start=start,
             end=end,
             lag_s=flow.lag_s if source.signals.feed_lot is not None else None,
-            reading_gap_s=Decimal(_micros(gap)) / 1_000_000,
+            reading_gap_s=Decimal(gap // _MICROSECOND) / 1_000_000,
         )
         if source.signals.feed_lot is None:  # no lot signal: bound first-expiry-first
             self._post_meter(
@@ -1048,8 +1050,11 @@ class Engine:
         carry = FeedCarry(
             start, Fraction(timeline[0].cumulative) * factor, progress.measured, progress.issued
         )
+        lots = {lot.lot: lot for lot in self.lots}
+        # a lot the line has not staged keeps the metered material: the rules hold it as such
         staging = [
-            FeedStaging(lot, self._lot_material(lot, material.id), at) for at, lot in feed.staging
+            FeedStaging(lot, lots[lot].material if lot in lots else material.id, at)
+            for at, lot in feed.staging
         ]
         try:
             consumption, posting = meter(
@@ -1063,7 +1068,7 @@ class Engine:
                 _lag(flow),
                 carry,
                 material,
-                {lot.lot: lot for lot in self.lots},
+                lots,
             )
         except EdgeAgentError as exc:
             self._rejected(source.work_centre, state, source.operation, exc, trigger, material.id)
@@ -1110,14 +1115,6 @@ class Engine:
                 trigger,
                 part.lot,
             )
-
-    def _lot_material(self, lot: str, default: str) -> str:
-        """The material of a lot in the feed: as staged, else the metered one (the rules then
-        hold it as not staged for the line)."""
-        for known in self.lots:
-            if known.lot == lot:
-                return known.material
-        return default
 
     def _post_meter(
         self,
@@ -1484,22 +1481,9 @@ _HALF_UP = Rounding.HALF_UP
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def _seconds(value: int) -> timedelta:
-    return timedelta(seconds=value)
-
-
 def _lag(flow: FlowConfig) -> timedelta:
     """The configured hold-up lag, to the microsecond (a timedelta's resolution)."""
     return timedelta(microseconds=int(flow.lag_s * 1_000_000))
-
-
-def _micros(span: timedelta) -> int:
-    return (span.days * 86_400 + span.seconds) * 1_000_000 + span.microseconds
-
-
-def _longest_gap(timeline: Sequence[TotalizerReading], start: datetime, end: datetime) -> timedelta:
-    gaps = [b.at - a.at for a, b in pairwise(timeline) if a.at < end and b.at > start]
-    return max(gaps, default=timedelta(0))
 
 
 T = TypeVar("T")

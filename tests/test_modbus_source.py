@@ -38,8 +38,8 @@ from edge_agent.sources.modbus import ModbusSource, triggers_first
 from edge_agent.sources.modbus_codec import Field, ReadRequest, Role
 from simulators.modbus_plc import ModbusPlc, Tally, main
 from tests.support.broker import free_port
-from tests.support.modbus import EXAMPLE, REGISTER_HANDSHAKE, modbus_config, polls, running
-from tests.support.plc import Item, Recorder
+from tests.support.modbus import EXAMPLE, REGISTER_HANDSHAKE, modbus_config, polls
+from tests.support.plc import Item, Recorder, running
 
 MIX, FILL = "MIX-1", "FILL-1"
 MIX_SIGNALS = [

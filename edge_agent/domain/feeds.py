@@ -247,6 +247,12 @@ def _readings(readings: Sequence[TotalizerReading]) -> _Timeline:
     return _timeline((r.at, Fraction(r.cumulative)) for r in readings)
 
 
+def reading_gap(readings: Sequence[TotalizerReading], start: datetime, end: datetime) -> timedelta:
+    """The longest interval between readings that overlaps [start, end): how long the flow was
+    taken as even there (what :attr:`FeedSlice.reading_gap` reports)."""
+    return _readings(readings).longest_gap(start, end)
+
+
 def totalizer_at(readings: Sequence[TotalizerReading], at: datetime) -> Fraction:
     """The totalizer at ``at``: a reading's value, or the exact linear interpolation between the
     readings either side. Outside the readings it is not known (:class:`SliceOutsideReadings`)."""

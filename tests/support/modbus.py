@@ -3,8 +3,6 @@
 - :func:`modbus_config`: the example Modbus line (``config/line-modbus.toml``) on a test port,
   polling and reconnecting fast, optionally in another word/byte order or with the handshake
   on two bits of a holding register.
-- :func:`running`: runs any source for the duration of a ``with`` block and checks that
-  cancelling it ends it cleanly.
 - :func:`polls`: waits until the simulator has served so many more requests (a condition, never
   a fixed sleep).
 """
@@ -14,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import tomllib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from edge_agent.config import Config, parse_config
-from edge_agent.sources import Source
 from simulators.modbus_plc import ModbusPlc
-from tests.support.plc import Recorder
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "line-modbus.toml"
 _EXAMPLE_DATA = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
@@ -80,20 +74,6 @@ def modbus_config(
     data["store"]["path"] = str(tmp_path / "agent.db")
     data.pop("masterdata", None)
     return parse_config(data)
-
-
-@asynccontextmanager
-async def running(source: Source, emit: Recorder) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``source`` in a task; on exit cancel it and check it ended by that cancellation."""
-    task = asyncio.create_task(source.run(emit), name=f"test-run[{source.name}]")
-    try:
-        yield task
-    finally:
-        task.cancel()
-        async with asyncio.timeout(10):
-            with suppress(asyncio.CancelledError):
-                await task
-        assert task.cancelled(), "run() must end by its cancellation"
 
 
 async def polls(plc: ModbusPlc, requests: int, timeout: float = 10.0) -> None:

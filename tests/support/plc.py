@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import Config, parse_config
-from edge_agent.sources import Origin, SignalEvent, SourceStatus
-from edge_agent.sources.opcua import OpcUaSource
+from edge_agent.sources import Origin, SignalEvent, Source, SourceStatus
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "line.toml"
 _EXAMPLE_DATA = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
@@ -129,7 +128,7 @@ class Recorder:
 
 
 @asynccontextmanager
-async def running(source: OpcUaSource, emit: Recorder) -> AsyncIterator[asyncio.Task[None]]:
+async def running(source: Source, emit: Recorder) -> AsyncIterator[asyncio.Task[None]]:
     """Run ``source`` in a task; on exit cancel it and check it ended by that cancellation."""
     task = asyncio.create_task(source.run(emit), name=f"test-run[{source.name}]")
     try:

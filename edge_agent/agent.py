@@ -15,8 +15,10 @@ import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -24,10 +26,15 @@ from edge_agent.config import Config
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.documents import load_lots_file, load_master, load_orders_file, read_json
 from edge_agent.domain.lots import Lot
-from edge_agent.domain.masterdata import MasterData, load_master_data
+from edge_agent.domain.masterdata import (
+    MasterData,
+    load_master_data,
+    merge_master_doc,
+    parse_timestamp,
+)
 from edge_agent.domain.orders import WorkOrder, load_orders
 from edge_agent.engine import Engine
-from edge_agent.errors import ConfigError, EdgeAgentError, SignalError
+from edge_agent.errors import ConfigError, EdgeAgentError, MasterDataError, SignalError
 from edge_agent.sources import Source
 from edge_agent.sources.modbus import ModbusSource
 from edge_agent.sources.opcua import OpcUaSource
@@ -40,6 +47,7 @@ ACK_WRITE_TIMEOUT_S = 5.0
 #: a stop that takes longer ends the process (exit 4); below systemd's TimeoutStopSec (30 s)
 SHUTDOWN_DEADLINE_S = 20.0
 EXIT_SHUTDOWN_TIMED_OUT = 4
+_MS = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +55,17 @@ class Documents:
     master: MasterData
     orders: Mapping[str, WorkOrder]
     lots: tuple[Lot, ...]
+    master_doc: Mapping[str, Any]
 
 
 async def load_documents(config: Config, store: Store) -> Documents:
-    """The configured documents, cached in the store; the cache serves when none is configured.
+    """The master data and orders the agent runs with, cached in the store.
 
-    A document that changed since the last start is recorded in the audit chain.
+    The store's cache is what the agent runs with: the MES's master-data commands are merged
+    into it, and it serves when no file is configured or the network is down. A configured file
+    is applied (merged like a command, so it never changes a known revision) only when the file
+    itself changed since it was last applied: an old file never undoes what the MES sent.
+    Every change is recorded in the audit chain.
     """
     cached_master = await store.get_masterdata("document", "masterdata")
     cached_orders = await store.get_masterdata("document", "orders")
@@ -62,25 +75,38 @@ async def load_documents(config: Config, store: Store) -> Documents:
             raise ConfigError(["masterdata.path: required (the store holds no master data yet)"])
         master = load_master_data(cached_master)
         orders = load_orders(cached_orders or {}, master)
-        return Documents(master, orders, ())
-    master = load_master(m.path)
-    orders = load_orders_file(m.orders, master) if m.orders is not None else {}
-    lots = load_lots_file(m.lots, master) if m.lots is not None else ()
+        return Documents(master, orders, (), cached_master)
     raw_master = read_json(m.path, "master data")
     raw_orders = read_json(m.orders, "work orders") if m.orders is not None else {"orders": []}
     assert isinstance(raw_master, dict)
     assert isinstance(raw_orders, dict)
+    load_master(m.path)  # the file on its own must be valid: its errors name its lines
+    applied_file = await store.get_masterdata("file", "masterdata")
+    effective = cached_master
+    if cached_master is None:
+        effective = raw_master
+    elif raw_master != applied_file:
+        try:
+            effective = merge_master_doc(cached_master, raw_master)
+        except MasterDataError as exc:
+            raise ConfigError([f"masterdata.path: {p}" for p in exc.problems]) from None
+    assert effective is not None
+    master = load_master_data(effective)
+    orders = load_orders_file(m.orders, master) if m.orders is not None else {}
+    lots = load_lots_file(m.lots, master) if m.lots is not None else ()
     async with store.transaction() as tx:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        if raw_master != applied_file:
+            tx.put_masterdata("file", "masterdata", raw_master)
         for key, raw, cached in (
-            ("masterdata", raw_master, cached_master),
+            ("masterdata", effective, cached_master),
             ("orders", raw_orders, cached_orders),
         ):
             if raw != cached:
                 tx.put_masterdata("document", key, raw)
                 tx.audit(f"document:{key}", key, json.dumps(raw, sort_keys=True).encode(), now)
                 log.info("document_loaded", document=key, changed=cached is not None)
-    return Documents(master, orders, lots)
+    return Documents(master, orders, lots, effective)
 
 
 class SourceWriter:
@@ -146,7 +172,9 @@ class Agent:
         async with Store.open(Path(config.store.path), config.store.synchronous) as store:
             self.store = store
             docs = await load_documents(config, store)
-            engine = await Engine.load(config, store, docs.master, docs.orders, docs.lots)
+            engine = await Engine.load(
+                config, store, docs.master, docs.orders, docs.lots, master_doc=docs.master_doc
+            )
             self.engine = engine
             log.info(
                 "agent_starting",
@@ -156,7 +184,24 @@ class Agent:
                 sequence=engine.sequence,
             )
             sources = {s.name: s for s in self._make_sources(config)}
-            async with MqttUplink(config, store) as uplink:
+
+            async def status() -> dict[str, Any]:
+                oldest = await store.oldest_pending()
+                age = (
+                    Decimal(str((datetime.now(UTC) - parse_timestamp(oldest.created_at)) // _MS))
+                    / 1000
+                    if oldest is not None
+                    else None
+                )
+                return {
+                    "outbox_depth": await store.outbox_depth(),
+                    "oldest_unacknowledged_s": age,
+                    **engine.status_figures(),
+                }
+
+            async with MqttUplink(
+                config, store, on_command=engine.submit_command, status=status
+            ) as uplink:
                 self.uplink = uplink
                 async with asyncio.TaskGroup() as tg:
                     uplink_task = tg.create_task(uplink.run(), name="uplink")

@@ -34,8 +34,8 @@ from edge_agent.errors import (
     StoreError,
 )
 from edge_agent.logs import configure_logging
-from edge_agent.messages import write_schemas
 from edge_agent.reports import print_table
+from edge_agent.schemas import write_schemas
 from edge_agent.shiftdemo import run_shift_demo
 from edge_agent.status import show_status
 

@@ -137,12 +137,32 @@ class MqttSection(_Section):
     delivery: Literal["broker", "mes-ack"] = "broker"
     #: mes-ack: publish again what the MES has not acknowledged after this long
     mes_ack_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: how long the broker keeps the agent's session (and queues MES commands for it) while
+    #: the agent is away; MQTT 3.1.1 has no expiry (clean_session = false keeps it for ever)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    #: the retained status is published again this often (outbox depth, sources, exceptions)
+    status_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    #: a command over this size is rejected unread
+    max_command_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
 
     @model_validator(mode="after")
     def _backoff(self) -> Self:
         if self.reconnect_max_ms < self.reconnect_min_ms:
             raise ValueError("reconnect_max_ms must not be less than reconnect_min_ms")
         return self
+
+
+class ClockSection(_Section):
+    """ "No time sync, no posting": beyond ``max_skew_s`` between the agent's clock and the
+    MES heartbeat (or a PLC timestamp ahead of it) postings are held until time is trusted
+    again (0: no check)."""
+
+    max_skew_s: DecimalStr = Field(default=Decimal(5), ge=0, le=3600)
+
+
+class OrdersSection(_Section):
+    #: a component's order-close variance beyond this (either way) is flagged
+    variance_threshold_pct: DecimalStr = Field(default=Decimal(2), ge=0)
 
 
 class MasterDataSection(_Section):
@@ -721,6 +741,8 @@ class Config(_Section):
     place: PlaceSection
     store: StoreSection
     mqtt: MqttSection = MqttSection()
+    clock: ClockSection = ClockSection()
+    orders: OrdersSection = OrdersSection()
     masterdata: MasterDataSection | None = None
     sources: tuple[_AnySource, ...] = Field(min_length=1)
 

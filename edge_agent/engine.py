@@ -24,16 +24,27 @@ State keys in the store: ``engine`` (sequence), ``wc/{work centre}``, ``order/{o
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from edge_agent.commands import (
+    CommandRejected,
+    Heartbeat,
+    LotStagingCommand,
+    MasterDataCommand,
+    ReversalCommand,
+    WorkOrderCommand,
+    parse_command,
+)
 from edge_agent.config import (
     Config,
     CounterConfig,
@@ -50,6 +61,7 @@ from edge_agent.domain.backflush import (
     ScaleReading,
     confirm,
     meter,
+    theoretical,
     weigh,
     weighing_target,
 )
@@ -76,8 +88,24 @@ from edge_agent.domain.feeds import (
     slice_feed,
     totalizer_at,
 )
-from edge_agent.domain.lots import Binding, BindingState, Held, Lot, bind
-from edge_agent.domain.masterdata import MasterData, PostingMethod, parse_decimal
+from edge_agent.domain.lots import (
+    Binding,
+    BindingState,
+    Held,
+    Lot,
+    LotDraw,
+    LotStatus,
+    bind,
+    retry_held,
+    reverse_posting,
+)
+from edge_agent.domain.masterdata import (
+    MasterData,
+    PostingMethod,
+    load_master_data,
+    merge_master_doc,
+    parse_decimal,
+)
 from edge_agent.domain.orders import WorkOrder
 from edge_agent.domain.quantities import (
     Exact,
@@ -87,20 +115,39 @@ from edge_agent.domain.quantities import (
     round_to_increment,
     to_decimal,
 )
-from edge_agent.errors import ConsumptionError, EdgeAgentError, SignalError
+from edge_agent.domain.variance import ComponentVariance, close_variance
+from edge_agent.errors import (
+    ConsumptionError,
+    EdgeAgentError,
+    InputError,
+    MasterDataError,
+    SignalError,
+)
 from edge_agent.messages import (
+    POSTINGS,
+    AnyMessage,
+    ClockCorrection,
+    CommandReply,
     ExceptionCode,
     ExceptionMessage,
     FeedWindow,
+    Genealogy,
+    GenealogyLink,
     HeldPart,
     LotMovement,
     MaterialConsumed,
+    OrderVariance,
     ProductionConfirmation,
+    Remnant,
+    Reversal,
     Severity,
+    SubstitutionLine,
     Trigger,
+    VarianceLine,
     encode,
     kind_of,
     message_id,
+    parse_message,
     wire_time,
 )
 from edge_agent.sources import Origin, Quality, SignalEvent, SourceStatus
@@ -113,7 +160,6 @@ COUNTERS = ("good", "scrap", "flow")
 NO_ORDER = ""
 
 FlowConfig = FlowSignal | ModbusFlow
-AnyMessage = MaterialConsumed | ProductionConfirmation | ExceptionMessage
 
 
 class PlcWriter(Protocol):
@@ -272,12 +318,27 @@ class OrderState:
     bindings: dict[ComponentKey, BindingState] = field(default_factory=dict)
     pending: list[dict[str, Any]] = field(default_factory=list)
     reported_unknown: bool = False
+    #: released → running → held ⇄ running → closed (an order from the orders file: released)
+    status: str = "released"
+    #: the order as the MES released it (None: from the orders file)
+    work_order: dict[str, Any] | None = None
+    #: reversed posting id → the compensating posting's id
+    reversals: dict[str, str] = field(default_factory=dict)
+    #: quantity reversed per component (the wire's ``issued`` is net of it)
+    reversed: dict[ComponentKey, Decimal] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "order": self.order,
             "product": self.product,
             "revision": self.revision,
+            "status": self.status,
+            "work_order": self.work_order,
+            "reversals": self.reversals,
+            "reversed": [
+                {"operation": op, "material": m, "method": method.value, "quantity": str(q)}
+                for (op, m, method), q in self.reversed.items()
+            ],
             "consumption": self.consumption.to_dict(),
             "bindings": [
                 {"operation": op, "material": m, "method": method.value, "state": b.to_dict()}
@@ -302,7 +363,70 @@ class OrderState:
             },
             pending=list(d.get("pending", [])),
             reported_unknown=bool(d.get("reported_unknown", False)),
+            status=d.get("status", "released"),
+            work_order=d.get("work_order"),
+            reversals=dict(d.get("reversals", {})),
+            reversed={
+                (r["operation"], r["material"], PostingMethod(r["method"])): parse_decimal(
+                    r["quantity"]
+                )
+                for r in d.get("reversed", [])
+            },
         )
+
+
+@dataclass
+class ClockState:
+    """ "No time sync, no posting": persisted under ``clock``.
+
+    ``mes_offset_s`` is the agent's clock minus the MES heartbeat's (None: no heartbeat yet);
+    ``plc_ahead_s`` how far a PLC's own timestamp was ahead of the agent's clock (None: not).
+    While not ``trusted``, postings wait in ``held`` (topic, payload, offset) instead of the
+    outbox; counting goes on.
+    """
+
+    trusted: bool = True
+    mes_offset_s: Decimal | None = None
+    plc_ahead_s: Decimal | None = None
+    plc_source: str | None = None
+    held: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trusted": self.trusted,
+            "mes_offset_s": None if self.mes_offset_s is None else str(self.mes_offset_s),
+            "plc_ahead_s": None if self.plc_ahead_s is None else str(self.plc_ahead_s),
+            "plc_source": self.plc_source,
+            "held": self.held,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClockState:
+        return cls(
+            bool(d.get("trusted", True)),
+            parse_decimal(d["mes_offset_s"]) if d.get("mes_offset_s") is not None else None,
+            parse_decimal(d["plc_ahead_s"]) if d.get("plc_ahead_s") is not None else None,
+            d.get("plc_source"),
+            list(d.get("held", [])),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEvent:
+    """A command from the MES as received (``kind``: the topic's last level), queued for the
+    engine like a signal; ``original`` is the journal payload a reversal names, fetched by
+    :meth:`Engine.run` before it is applied."""
+
+    kind: str
+    payload: bytes
+    received_at: datetime
+    original: bytes | None = None
+    #: tells the broker the command is safe (its PUBACK): called once it is committed
+    ack: Callable[[], None] | None = field(default=None, compare=False)
+
+
+class CommandRefused(EdgeAgentError):
+    """A command that makes no sense for the agent's state: rejected, nothing changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,9 +469,12 @@ class Engine:
         orders: Mapping[str, WorkOrder],
         lots: Sequence[Lot],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        master_doc: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.master = master
+        #: the master data as JSON (what a master-data command merges into)
+        self.master_doc: dict[str, Any] = dict(master_doc or {"materials": [], "boms": []})
         self.orders = dict(orders)
         self.lots: tuple[Lot, ...] = tuple(lots)
         self.clock = clock
@@ -357,12 +484,23 @@ class Engine:
         self.stats = EngineStats()
         self.sources: dict[str, SourceConfig] = {s.name: s for s in config.sources}
         self.connected: dict[str, bool] = {s.name: False for s in config.sources}
-        self._reported_down: set[str] = set()  # sources reported unreachable in this run
         self._boms: dict[tuple[str, str], ExplodedBom] = {}
         self._dirty: set[str] = set()
         self._outgoing: list[Outgoing] = []
+        #: command id → {digest, result, reason, produced}: a command is applied once
+        self.commands: dict[str, dict[str, Any]] = {}
+        #: open exception key → {message_id, code, order, material, since, text}
+        self.open_exceptions: dict[str, dict[str, Any]] = {}
+        self.clock_state = ClockState()
+        self._journal: list[tuple[str, str, bytes, str]] = []  # postings to keep (uncommitted)
+        self._recent: dict[str, bytes] = {}  # postings not yet committed, by id
+        self._documents: dict[str, dict[str, Any]] = {}  # documents changed by a command
+        self._audits: list[tuple[str, str, bytes]] = []
+        self._produced: list[str] | None = None  # ids a command's handling emitted
         self._begin_step()
-        self._queue: asyncio.Queue[SignalEvent | SourceStatus | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[SignalEvent | SourceStatus | CommandEvent | None] = (
+            asyncio.Queue()
+        )
 
     # ------------------------------------------------------------------ persistence
 
@@ -375,8 +513,12 @@ class Engine:
         orders: Mapping[str, WorkOrder],
         initial_lots: Sequence[Lot] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        master_doc: Mapping[str, Any] | None = None,
     ) -> Engine:
-        """The engine as last committed; lots are seeded from ``initial_lots`` only once."""
+        """The engine as last committed; lots are seeded from ``initial_lots`` only once.
+
+        ``orders`` (the orders file) are joined by the orders the MES released (kept in their
+        ``order/`` state)."""
         state = await store.all_state()
         lots_state = state.get("lots")
         lots = (
@@ -384,23 +526,37 @@ class Engine:
             if lots_state is not None
             else list(initial_lots)
         )
-        engine = cls(config, master, orders, lots, clock)
+        engine = cls(config, master, orders, lots, clock, master_doc)
         if lots_state is None:
             engine._dirty.add("lots")
         engine.sequence = int(state.get("engine", {}).get("sequence", 0))
+        engine.open_exceptions = dict(state.get("exceptions", {}).get("open", {}))
+        if "clock" in state:
+            engine.clock_state = ClockState.from_dict(state["clock"])
         for key, value in state.items():
             if key.startswith("wc/"):
                 engine.work_centres[key[3:]] = WorkCentreState.from_dict(value)
             elif key.startswith("order/"):
-                engine.order_states[key[6:]] = OrderState.from_dict(value)
+                order_state = OrderState.from_dict(value)
+                engine.order_states[key[6:]] = order_state
+                if order_state.work_order is not None:
+                    engine.orders[order_state.order] = _work_order(order_state)
+            elif key.startswith("command/"):
+                engine.commands[key[8:]] = value
         engine._replay_pending(clock())
         return engine
 
-    def _state_value(self, key: str) -> dict[str, Any]:
+    def _state_value(self, key: str) -> dict[str, Any]:  # noqa: PLR0911 - one per state key
         if key == "engine":
             return {"sequence": self.sequence}
         if key == "lots":
             return {"lots": [lot.to_dict() for lot in self.lots]}
+        if key == "exceptions":
+            return {"open": self.open_exceptions}
+        if key == "clock":
+            return self.clock_state.to_dict()
+        if key.startswith("command/"):
+            return self.commands[key[8:]]
         if key.startswith("wc/"):
             return self.work_centres[key[3:]].to_dict()
         if key.startswith("order/"):
@@ -413,6 +569,16 @@ class Engine:
             uow.put_state(key, self._state_value(key))
         self._dirty.clear()
         created = wire_time(self.clock())
+        for name, doc in self._documents.items():
+            uow.put_masterdata("document", name, doc)
+        self._documents.clear()
+        for kind, ref, payload in self._audits:
+            uow.audit(kind, ref, payload, created)
+        self._audits.clear()
+        for posting_id, order, payload, at in self._journal:
+            uow.journal(posting_id, order, payload, at)
+        self._journal.clear()
+        self._recent.clear()
         for out in self._outgoing:
             uow.enqueue(out.message.message_id, out.topic, encode(out.message), created)
             self.stats.messages[kind_of(out.message).value] += 1
@@ -424,11 +590,43 @@ class Engine:
     def pending_messages(self) -> int:
         return len(self._outgoing)
 
+    def status_figures(self) -> dict[str, Any]:
+        """What the retained status reports of the engine: sources, clock, open exceptions."""
+        sources = {}
+        for source in self.config.sources:
+            wc = self.work_centres.get(source.work_centre)
+            sources[source.name] = {
+                "connected": self.connected.get(source.name, False),
+                "bad_signals": dict(wc.bad_signals) if wc else {},
+            }
+        return {
+            "sources": sources,
+            "clock_trusted": self.clock_state.trusted,
+            "open_exceptions": [
+                {
+                    "message_id": e["message_id"],
+                    "code": e["code"],
+                    "order": e["order"],
+                    "material": e["material"],
+                    "since": e["since"],
+                    "text": e["text"],
+                }
+                for e in self.open_exceptions.values()
+            ],
+        }
+
     # ------------------------------------------------------------------ the loop
 
     async def submit(self, event: SignalEvent | SourceStatus) -> None:
         """A source's ``emit``: queue an event for the engine task."""
         await self._queue.put(event)
+
+    def submit_command(
+        self, kind: str, payload: bytes, ack: Callable[[], None] | None = None
+    ) -> None:
+        """The uplink's ``on_command``: queue an MES command (applied in order with the
+        signals, by the one writer); ``ack`` is called once its effects are committed."""
+        self._queue.put_nowait(CommandEvent(kind, payload, self.clock(), ack=ack))
 
     def stop(self) -> None:
         """Finish what is queued, commit it, and return from :meth:`run`."""
@@ -455,14 +653,23 @@ class Engine:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             writes: list[PlcWrite] = []
+            acks: list[Callable[[], None]] = []
             stopping = False
-            for event in batch:
-                if event is None:
+            for item in batch:
+                if item is None:
                     stopping = True
                     continue
+                event = item
+                if isinstance(event, CommandEvent):
+                    if event.kind == "reversal":
+                        event = await self.prepared(store, event)
+                    if event.ack is not None:
+                        acks.append(event.ack)
                 writes += self.apply(event)
             self.stats.batches += 1
             await self._commit(store, on_commit)
+            for ack in acks:
+                ack()
             await self._perform(store, writer, writes, on_commit)
             if stopping:
                 return
@@ -506,6 +713,18 @@ class Engine:
         if done:
             await self._commit(store, on_commit)
 
+    async def prepared(self, store: Store, event: CommandEvent) -> CommandEvent:
+        """A reversal with the posting it names, from the journal (or this uncommitted
+        batch); a payload that names none is left for :meth:`apply` to reject."""
+        try:
+            target = json.loads(event.payload).get("message_id")
+        except (ValueError, AttributeError):
+            return event
+        if not isinstance(target, str):
+            return event
+        original = self._recent.get(target) or await store.journal_entry(target)
+        return replace(event, original=original)
+
     def retry_acknowledges(self) -> list[PlcWrite]:
         """Acknowledge writes still owed to the PLC (a failed write, a restart in between)."""
         writes = []
@@ -522,13 +741,17 @@ class Engine:
 
     # ------------------------------------------------------------------ applying one event
 
-    def apply(self, event: SignalEvent | SourceStatus) -> list[PlcWrite]:
+    def apply(self, event: SignalEvent | SourceStatus | CommandEvent) -> list[PlcWrite]:
         """Apply one event to the in-memory state; returns the PLC writes it calls for."""
         self.stats.events += 1
         self._begin_step()
         if isinstance(event, SourceStatus):
             self._source_status(event)
             return []
+        if isinstance(event, CommandEvent):
+            self._command(event)
+            return []
+        self._plc_clock(event)
         source = self.sources.get(event.source)
         if source is None:
             log.warning("event_from_unknown_source", source=event.source)
@@ -540,6 +763,11 @@ class Engine:
         if wc.bad_signals.pop(event.signal, None) is not None:
             self._dirty.add(f"wc/{source.work_centre}")
             log.info("signal_quality_restored", signal=event.signal, address=event.address)
+            self._resolve(
+                f"signal_quality/{source.name}/{event.signal}",
+                f"{event.signal} ({event.address}) is good again: its values are used",
+                source.work_centre,
+            )
         try:
             return self._apply_signal(source, wc, event)
         except SignalError as exc:
@@ -564,8 +792,8 @@ class Engine:
             return
         wc = self.work_centres.get(source.work_centre)
         order = wc.order if wc else None
-        if not status.connected and status.source not in self._reported_down:
-            self._reported_down.add(status.source)
+        key = f"source_unreachable/{status.source}"
+        if not status.connected and key not in self.open_exceptions:
             self._exception(
                 source.work_centre,
                 ExceptionCode.SOURCE_UNREACHABLE,
@@ -576,9 +804,11 @@ class Engine:
                 order,
                 source.operation,
                 details={"source": status.source, "detail": status.detail},
+                open_key=key,
             )
-        elif status.connected and status.source in self._reported_down:
-            self._reported_down.discard(status.source)
+        elif status.connected and key in self.open_exceptions:
+            resolves = self.open_exceptions.pop(key)["message_id"]
+            self._dirty.add("exceptions")
             self._exception(
                 source.work_centre,
                 ExceptionCode.SOURCE_RECOVERED,
@@ -587,6 +817,7 @@ class Engine:
                 order,
                 source.operation,
                 details={"source": status.source, "detail": status.detail},
+                resolves=resolves,
             )
 
     def _wc(self, name: str) -> WorkCentreState:
@@ -611,6 +842,7 @@ class Engine:
             source.operation,
             details={"status": event.status, "quality": event.quality.value},
             trigger=_trigger(event),
+            open_key=f"signal_quality/{source.name}/{event.signal}",
         )
 
     def _apply_signal(
@@ -780,8 +1012,30 @@ class Engine:
     def _known(
         self, source: SourceConfig, order: str | None, pending: dict[str, Any], trigger: Trigger
     ) -> OrderState | None:
-        """The order's state when its master data is known; else keep ``pending`` for later."""
+        """The order's state when its master data is known and it may be posted to; else keep
+        ``pending`` for later (an unknown order, or one the MES holds or has closed)."""
         state = self._order(order or NO_ORDER)
+        if state.product is not None and state.status in ("held", "closed"):
+            state.pending.append(pending)
+            self._dirty.add(f"order/{state.order}")
+            held = state.status == "held"
+            self._exception(
+                source.work_centre,
+                ExceptionCode.ORDER_HELD if held else ExceptionCode.ORDER_CLOSED,
+                Severity.ERROR,
+                f"counts for order {state.order} on work centre {source.work_centre}, which the "
+                + (
+                    "MES holds: they are kept and posted when the order is started again"
+                    if held
+                    else "MES has closed: they are kept, not posted (listed in the status)"
+                ),
+                state.order,
+                source.operation,
+                trigger=trigger,
+                open_key=f"order_{state.status}/{state.order}",
+                supersede=False,
+            )
+            return None
         if state.product is not None:
             return state
         state.pending.append(pending)
@@ -798,6 +1052,7 @@ class Engine:
                 order,
                 source.operation,
                 trigger=trigger,
+                open_key=f"unknown_order/{state.order}",
             )
         return None
 
@@ -1278,7 +1533,7 @@ class Engine:
                 uom=c.uom,
                 method=c.method.value,
                 theoretical=to_decimal(posting.theoretical),
-                issued=posting.issued,
+                issued=posting.issued - state.reversed.get(c.key, Decimal(0)),
                 setup_included=posting.setup_included,
                 rule_version=RULE_VERSION,
                 bom_lines=tuple(" > ".join(path) for path in c.origin),
@@ -1286,9 +1541,14 @@ class Engine:
                 held=held,
                 held_cancelled=held_cancelled,
                 window=window,
+                finished_lot=self._finished_lot(state.order),
                 trigger=trigger,
             )
         )
+
+    def _finished_lot(self, order: str) -> str | None:
+        wo = self.orders.get(order)
+        return wo.finished_lot if wo is not None else None
 
     def _held(
         self,
@@ -1308,19 +1568,24 @@ class Engine:
             work_centre,
             ExceptionCode.LOT_HELD,
             Severity.ERROR,
-            f"{fmt(held.quantity)} {uom} of {material} held ({held.reason.value}): {held.detail}",
+            f"{fmt(held.quantity)} {uom} of {material} held ({held.reason.value}): {held.detail}"
+            + (f"; it can only come from lot {lot}" if lot else "")
+            + ". More may be held until a lot is staged: see the postings' held parts",
             state.order,
             operation,
             material=material,
             details=details,
             trigger=trigger,
+            open_key=_held_key(state.order, operation, material, lot),
+            supersede=False,
         )
 
     def _bind(self, state: OrderState, posting: ComponentPosting, now: datetime) -> Binding:
         key = posting.component.key
+        visible = self._lots_for(state.order)
         binding = bind(
             self.master,
-            self.lots,
+            visible,
             state.bindings.get(key, BindingState()),
             posting.material,
             posting.quantity,
@@ -1329,9 +1594,30 @@ class Engine:
         )
         state.bindings[key] = binding.state
         if binding.draws:
-            self.lots = binding.lots
-            self._dirty.add("lots")
+            self._update_lots(binding.lots)
         return binding
+
+    def _work_centre_of(self, order: str) -> str | None:
+        """Where ``order`` runs: the work centre the MES released it for, else the one whose
+        PLC shows it."""
+        wo = self.orders.get(order)
+        if wo is not None and wo.work_centre is not None:
+            return wo.work_centre
+        for name, wc in self.work_centres.items():
+            if wc.order == order:
+                return name
+        return None
+
+    def _lots_for(self, order: str) -> tuple[Lot, ...]:
+        """The lots staged where ``order`` may draw from (a lot staged for another order or
+        work centre is not its stock)."""
+        wc = self._work_centre_of(order)
+        return tuple(lot for lot in self.lots if lot.serves(order, wc))
+
+    def _update_lots(self, changed: Iterable[Lot]) -> None:
+        by_id = {lot.lot: lot for lot in changed}
+        self.lots = tuple(by_id.get(lot.lot, lot) for lot in self.lots)
+        self._dirty.add("lots")
 
     def _rejected(
         self,
@@ -1380,10 +1666,17 @@ class Engine:
         for state in list(self.order_states.values()):
             if not state.pending or state.order not in self.orders:
                 continue
+            if state.status in ("held", "closed"):
+                continue
             self._order(state.order)
             pending, state.pending = state.pending, []
             self._dirty.add(f"order/{state.order}")
             log.info("pending_counts_replayed", order=state.order, items=len(pending))
+            self._begin_step()
+            for key in (f"unknown_order/{state.order}", f"order_held/{state.order}"):
+                self._resolve(
+                    key, f"order {state.order}: the {len(pending)} kept count(s) are posted now"
+                )
             for item in pending:
                 self._begin_step()
                 trigger = Trigger.model_validate(item["trigger"])
@@ -1412,6 +1705,599 @@ class Engine:
                         if window
                         else None,
                     )
+
+    # ------------------------------------------------------------------ MES commands
+
+    def _command(self, event: CommandEvent) -> None:
+        """Validate, apply once, reply: a rejected command changes nothing but the reply."""
+        parsed = parse_command(event.kind, event.payload, self.config.mqtt.max_command_bytes)
+        if isinstance(parsed, Heartbeat):
+            self._heartbeat(parsed, event.received_at)
+            return
+        if isinstance(parsed, CommandRejected):
+            log.warning("command_rejected", kind=event.kind, reason=parsed.reason)
+            self._reply(event.kind, parsed.command_id, "rejected", parsed.reason)
+            return
+        digest = hashlib.sha256(event.payload).hexdigest()
+        prior = self.commands.get(parsed.command_id)
+        if prior is not None:
+            if prior["digest"] != digest:
+                self._reply(
+                    event.kind,
+                    parsed.command_id,
+                    "rejected",
+                    f"command_id: {parsed.command_id!r} was used by another command on "
+                    f"{prior['at']}; a command id names one command",
+                )
+                return
+            self._reply(
+                event.kind,
+                parsed.command_id,
+                "accepted" if prior["result"] == "accepted" else "rejected",
+                prior["reason"],
+                duplicate=True,
+                produced=tuple(prior["produced"]),
+            )
+            return
+        trigger = Trigger(
+            source="mes",
+            signal=event.kind,
+            address=f"{self.config.topic_base}/in/{event.kind}",
+            value=parsed.command_id,
+            quality="good",
+            source_time=parsed.issued_at,
+            received_at=event.received_at,
+        )
+        self._produced = []
+        result: Literal["accepted", "rejected"] = "accepted"
+        reason = None
+        try:
+            if isinstance(parsed, MasterDataCommand):
+                self._master_data(parsed)
+            elif isinstance(parsed, WorkOrderCommand):
+                self._work_order_command(parsed, trigger)
+            elif isinstance(parsed, LotStagingCommand):
+                self._lot_staging(parsed, trigger)
+            else:
+                self._reversal(parsed, event.original, trigger)
+        except (CommandRefused, InputError) as exc:
+            result, reason = "rejected", str(exc)
+        produced, self._produced = tuple(self._produced), None
+        if result == "rejected":
+            assert not produced, "a handler refuses before it changes anything"
+        log.info("command_applied", kind=event.kind, command_id=parsed.command_id, result=result)
+        self.commands[parsed.command_id] = {
+            "digest": digest,
+            "kind": event.kind,
+            "result": result,
+            "reason": reason,
+            "produced": list(produced),
+            "at": wire_time(event.received_at),
+        }
+        self._dirty.add(f"command/{parsed.command_id}")
+        self._audits.append((f"command:{event.kind}", parsed.command_id, event.payload))
+        self._reply(event.kind, parsed.command_id, result, reason, produced=produced)
+
+    def _reply(
+        self,
+        kind: str,
+        command_id: str | None,
+        result: Literal["accepted", "rejected"],
+        reason: str | None,
+        duplicate: bool = False,
+        produced: tuple[str, ...] = (),
+    ) -> None:
+        self._begin_step()
+        self._emit(
+            CommandReply(
+                **self._header(None, NO_ORDER, "", "command-reply"),
+                command_id=command_id,
+                command=kind,
+                result=result,
+                reason=reason,
+                duplicate=duplicate,
+                produced=produced,
+            )
+        )
+
+    # ........................................................ master data
+
+    def _master_data(self, command: MasterDataCommand) -> None:
+        merged = merge_master_doc(self.master_doc, command.master_data)
+        try:
+            master = load_master_data(merged)
+        except MasterDataError as exc:
+            raise CommandRefused("master_data: " + "; ".join(exc.problems)) from None
+        self.master, self.master_doc = master, merged
+        self._boms.clear()  # revisions never change: the same pinned BOMs explode the same
+        self._documents["masterdata"] = merged
+        log.info("master_data_merged", materials=len(master.materials), boms=len(merged["boms"]))
+
+    # ........................................................ work orders
+
+    def _work_order_command(self, command: WorkOrderCommand, trigger: Trigger) -> None:
+        order = command.order
+        known = self.orders.get(order)
+        state = self.order_states.get(order)
+        if command.action == "release":
+            self._release(command, trigger)
+            return
+        if known is None:
+            raise CommandRefused(f"order: unknown order {order!r} (release it first)")
+        status = state.status if state is not None else "released"
+        if status == "closed":
+            raise CommandRefused(f"order: {order} is closed")
+        if command.action == "close":
+            self._close(command, trigger)
+            return
+        state = self._order(order)
+        if command.action == "hold":
+            state.status = "held"
+        else:  # start (or resume)
+            state.status = "running"
+            self._replay_pending(trigger.received_at)
+        self._dirty.add(f"order/{order}")
+        log.info("order_status", order=order, status=state.status)
+
+    def _release(self, command: WorkOrderCommand, trigger: Trigger) -> None:
+        order = command.order
+        assert command.product is not None
+        assert command.quantity is not None
+        if command.work_centre is not None and (
+            command.work_centre not in self.config.place.work_centres
+        ):
+            raise CommandRefused(
+                f"work_centre: {command.work_centre!r} is not a work centre of line "
+                f"{self.config.place.line!r} ({', '.join(self.config.place.work_centres)})"
+            )
+        wanted = WorkOrder(
+            order,
+            command.product,
+            command.quantity,
+            command.revision,
+            command.finished_lot,
+            command.work_centre,
+        )
+        known = self.orders.get(order)
+        state = self.order_states.get(order)
+        if known is not None:
+            if known == wanted:
+                return  # released again as it is: nothing to do
+            raise CommandRefused(
+                f"order: {order} is already released (product {known.product}, quantity "
+                f"{fmt(known.quantity)}, revision {known.revision or 'in effect'}): a released "
+                "order is not changed"
+            )
+        try:
+            bom = self.master.bom(command.product, command.revision, trigger.received_at)
+        except MasterDataError as exc:
+            field = "revision" if command.revision else "product"
+            raise CommandRefused(f"{field}: " + "; ".join(exc.problems)) from None
+        if state is not None and state.product is not None and state.product != bom.product:
+            raise CommandRefused(f"order: {order} was counted as product {state.product}")
+        self.orders[order] = wanted
+        state = self._order(order)
+        state.revision = state.revision or bom.revision
+        state.work_order = {
+            "product": wanted.product,
+            "quantity": str(wanted.quantity),
+            "revision": state.revision,
+            "finished_lot": wanted.finished_lot,
+            "work_centre": wanted.work_centre,
+            "released_at": wire_time(trigger.received_at),
+        }
+        self._dirty.add(f"order/{order}")
+        log.info("order_released", order=order, product=wanted.product, revision=state.revision)
+        self._replay_pending(trigger.received_at)
+
+    def _close(self, command: WorkOrderCommand, trigger: Trigger) -> None:
+        """Variance and genealogy; remnant lots leave the line with their counted quantity."""
+        order = command.order
+        state = self._order(order)
+        if state.product is None:
+            raise CommandRefused(f"order: {order} has no master data to close against")
+        lots = {lot.lot: lot for lot in self.lots}
+        remnants: list[Remnant] = []
+        residual: dict[str, Decimal] = {}
+        seen: set[str] = set()
+        for i, r in enumerate(command.remnants):
+            lot = lots.get(r.lot)
+            if lot is None:
+                raise CommandRefused(f"remnants[{i}].lot: lot {r.lot!r} is not staged")
+            if r.lot in seen:
+                raise CommandRefused(f"remnants[{i}].lot: lot {r.lot!r} is listed twice")
+            seen.add(r.lot)
+            rest = lot.quantity - r.quantity
+            residual[lot.material] = residual.get(lot.material, Decimal(0)) + rest
+            remnants.append(
+                Remnant(
+                    lot=lot.lot,
+                    material=lot.material,
+                    uom=self.master.materials[lot.material].uom,
+                    quantity=r.quantity,
+                    balance=lot.quantity,
+                    residual=rest,
+                )
+            )
+        bom = self._bom(state)
+        wo = self.orders[order]
+        lines = close_variance(
+            self.master,
+            bom,
+            state.consumption,
+            wo.quantity,
+            self.config.orders.variance_threshold_pct,
+            state.bindings,
+            residual=residual,
+        )
+        # the remnants are back in stock: they leave the line's staging
+        self._update_lots(replace(lots[r.lot], quantity=Decimal(0)) for r in remnants)
+        state.status = "closed"
+        self._dirty.add(f"order/{order}")
+        self._begin_step()
+        self._emit(
+            OrderVariance(
+                **self._header(wo.work_centre, order, "", "variance"),
+                order=order,
+                product=bom.product,
+                bom_revision=bom.revision,
+                finished_lot=wo.finished_lot,
+                planned_quantity=wo.quantity,
+                uom=bom.uom,
+                threshold_pct=self.config.orders.variance_threshold_pct,
+                lines=tuple(_variance_line(v) for v in lines),
+                remnants=tuple(remnants),
+                command_id=trigger.value or "",
+            )
+        )
+        good, scrap = Decimal(0), Decimal(0)
+        for op in bom.operations:
+            progress = state.consumption.operation(op)
+            if progress.good or progress.scrap:
+                good, scrap = progress.good, progress.scrap
+        self._emit(
+            Genealogy(
+                **self._header(wo.work_centre, order, "", "genealogy"),
+                order=order,
+                product=bom.product,
+                bom_revision=bom.revision,
+                finished_lot=wo.finished_lot,
+                good=good,
+                scrap=scrap,
+                uom=bom.uom,
+                components=_genealogy(self.master, state.bindings),
+                command_id=trigger.value or "",
+            )
+        )
+        log.info("order_closed", order=order, remnants=len(remnants))
+
+    # ........................................................ lot staging
+
+    def _lot_staging(self, command: LotStagingCommand, trigger: Trigger) -> None:
+        lots = {lot.lot: lot for lot in self.lots}
+        lot = lots.get(command.lot)
+        now = trigger.received_at
+        if command.order is not None and command.order not in self.orders:
+            raise CommandRefused(f"order: unknown order {command.order!r}")
+        if command.work_centre is not None and (
+            command.work_centre not in self.config.place.work_centres
+        ):
+            raise CommandRefused(
+                f"work_centre: {command.work_centre!r} is not a work centre of line "
+                f"{self.config.place.line!r}"
+            )
+        if command.action == "staged":
+            self._stage(command, lot, now)
+        else:
+            if lot is None:
+                raise CommandRefused(f"lot: lot {command.lot!r} is not staged")
+            if command.action == "returned":
+                assert command.quantity is not None
+                if command.quantity > lot.quantity:
+                    raise CommandRefused(
+                        f"quantity: {fmt(command.quantity)} is more than lot {lot.lot} holds "
+                        f"({fmt(lot.quantity)}): a lot never goes below zero"
+                    )
+                changed = replace(lot, quantity=lot.quantity - command.quantity)
+            elif command.action == "quarantined":
+                changed = replace(lot, status=LotStatus.QUARANTINED)
+            elif command.action == "released":
+                changed = replace(lot, status=LotStatus.RELEASED)
+            else:  # rebinned
+                changed = replace(lot, order=command.order, work_centre=command.work_centre)
+            self._update_lots([changed])
+        log.info("lot_staging", lot=command.lot, action=command.action)
+        self._retry_held(now, trigger)
+
+    def _stage(self, command: LotStagingCommand, lot: Lot | None, now: datetime) -> None:
+        assert command.material is not None
+        assert command.quantity is not None
+        material = self.master.materials.get(command.material)
+        if material is None:
+            raise CommandRefused(f"material: unknown material {command.material!r}")
+        if command.uom is not None and command.uom != material.uom:
+            raise CommandRefused(
+                f"uom: lot quantities are in the material's issue unit {material.uom!r} "
+                f"(got {command.uom!r})"
+            )
+        if lot is not None and lot.quantity > 0:
+            raise CommandRefused(
+                f"lot: {lot.lot} is already staged ({fmt(lot.quantity)} "
+                f"{self.master.materials[lot.material].uom} left): return it first"
+            )
+        staged = Lot(
+            command.lot,
+            material.id,
+            command.quantity,
+            command.staged_at or now,
+            command.expiry,
+            command.status,
+            command.order,
+            command.work_centre,
+        )
+        self.lots = (*(x for x in self.lots if x.lot != command.lot), staged)
+        self._dirty.add("lots")
+
+    def _retry_held(self, now: datetime, trigger: Trigger) -> None:
+        """Bind what is held to the lots now staged ("no stage, no flush", then flush)."""
+        for state in self.order_states.values():
+            if state.product is None or state.status == "closed":
+                continue
+            bom = self._bom(state)
+            for key, before in list(state.bindings.items()):
+                if before.held <= 0:
+                    continue
+                component = bom.component(*key)
+                if component is None:
+                    continue
+                binding = retry_held(
+                    self.master,
+                    self._lots_for(state.order),
+                    before,
+                    component.material,
+                    now,
+                    component.alternates,
+                )
+                if not binding.draws:
+                    continue
+                state.bindings[key] = binding.state
+                self._update_lots(binding.lots)
+                self._dirty.add(f"order/{state.order}")
+                released = before.held - binding.state.held
+                work_centre = self._work_centre_of(state.order)
+                progress = state.consumption.component(key)
+                self._begin_step()
+                self._emit(
+                    MaterialConsumed(
+                        **self._header(
+                            work_centre, state.order, component.operation, "material-consumed"
+                        ),
+                        order=state.order,
+                        product=bom.product,
+                        bom_revision=bom.revision,
+                        operation=component.operation,
+                        material=component.material,
+                        quantity=Decimal(0),
+                        uom=component.uom,
+                        method=component.method.value,
+                        theoretical=to_decimal(progress.measured)
+                        if component.method is not PostingMethod.BACKFLUSH
+                        else self._theoretical(state, component),
+                        issued=progress.issued - state.reversed.get(key, Decimal(0)),
+                        rule_version=RULE_VERSION,
+                        bom_lines=tuple(" > ".join(path) for path in component.origin),
+                        lots=tuple(
+                            LotMovement(
+                                lot=d.lot,
+                                material=d.material,
+                                quantity=d.quantity,
+                                substitution=d.substitution,
+                            )
+                            for d in binding.draws
+                        ),
+                        held=(
+                            HeldPart(
+                                quantity=binding.state.held,
+                                reason="insufficient",
+                                detail="still held after the lots staged were drawn",
+                            )
+                            if binding.state.held > 0
+                            else None
+                        ),
+                        held_released=released,
+                        finished_lot=self._finished_lot(state.order),
+                        trigger=trigger,
+                    )
+                )
+                self._settle_holds(state, component.operation, component.material, key)
+
+    def _theoretical(self, state: OrderState, component: Any) -> Decimal:
+        return to_decimal(theoretical(component, state.consumption.operation(component.operation)))
+
+    def _settle_holds(
+        self, state: OrderState, operation: str, material: str, key: ComponentKey
+    ) -> None:
+        """Resolve the lot_held exceptions of a component whose held quantity is bound."""
+        binding = state.bindings.get(key, BindingState())
+        prefix = f"lot_held/{state.order}/{operation}/{material}/"
+        for open_key in [k for k in self.open_exceptions if k.startswith(prefix)]:
+            lot = open_key[len(prefix) :]
+            cleared = (
+                binding.held_lots.get(lot, Decimal(0)) <= 0 if lot else (binding.held_any_lot <= 0)
+            )
+            if cleared:
+                self._resolve(
+                    open_key,
+                    f"the held {material} of order {state.order} is bound to "
+                    + (f"lot {lot}" if lot else "staged lots"),
+                )
+
+    # ........................................................ reversal
+
+    def _reversal(
+        self, command: ReversalCommand, original_payload: bytes | None, trigger: Trigger
+    ) -> None:
+        if original_payload is None:
+            raise CommandRefused(
+                f"message_id: {command.message_id!r} is not a material-consumed posting of "
+                f"agent {self.config.agent.id}"
+            )
+        original = parse_message(original_payload)
+        assert isinstance(original, MaterialConsumed)
+        state = self.order_states.get(original.order)
+        if state is None or state.product is None:
+            raise CommandRefused(f"message_id: order {original.order} is not known any more")
+        if original.reverses is not None:
+            raise CommandRefused(
+                f"message_id: {command.message_id} is itself a reversal (of "
+                f"{original.reverses}): post the correction in the MES"
+            )
+        if command.message_id in state.reversals:
+            raise CommandRefused(
+                f"message_id: {command.message_id} is already reversed by "
+                f"{state.reversals[command.message_id]}"
+            )
+        if original.quantity <= 0:
+            raise CommandRefused(
+                f"message_id: {command.message_id} posted {fmt(original.quantity)} "
+                f"{original.uom}: only a consumption (above zero) can be reversed"
+            )
+        if state.status == "closed":
+            raise CommandRefused(f"order: {original.order} is closed")
+        key = (original.operation, original.material, PostingMethod(original.method))
+        draws = [
+            LotDraw(m.lot, m.material, m.quantity, m.substitution)
+            for m in original.lots
+            if m.quantity > 0
+        ]
+        held = original.held.quantity if original.held else Decimal(0)
+        try:
+            binding = reverse_posting(
+                self.lots, state.bindings.get(key, BindingState()), draws, held
+            )
+        except ConsumptionError as exc:
+            raise CommandRefused(f"message_id: {exc}") from None
+        state.bindings[key] = binding.state
+        self._update_lots(binding.lots)
+        state.reversed[key] = state.reversed.get(key, Decimal(0)) + original.quantity
+        self._dirty.add(f"order/{state.order}")
+        self._begin_step()
+        header = self._header(
+            original.work_centre, original.order, original.operation, "material-consumed"
+        )
+        state.reversals[command.message_id] = header["message_id"]
+        self._emit(
+            original.model_copy(
+                update={
+                    **header,
+                    "quantity": -original.quantity,
+                    "issued": self._issued_now(state, key),
+                    "lots": tuple(
+                        m.model_copy(update={"quantity": -m.quantity})
+                        for m in original.lots
+                        if m.quantity > 0
+                    ),
+                    "held": None,
+                    "held_cancelled": held,
+                    "held_released": Decimal(0),
+                    "reverses": command.message_id,
+                    "reversal": Reversal(
+                        command_id=command.command_id,
+                        reason_code=command.reason_code,
+                        requested_by=command.requested_by,
+                    ),
+                    "trigger": trigger,
+                    "clock": None,
+                }
+            )
+        )
+        self._settle_holds(state, original.operation, original.material, key)
+        log.info("posting_reversed", original=command.message_id, order=original.order)
+
+    def _issued_now(self, state: OrderState, key: ComponentKey) -> Decimal:
+        return state.consumption.component(key).issued - state.reversed.get(key, Decimal(0))
+
+    # ........................................................ time
+
+    def _heartbeat(self, heartbeat: Heartbeat, received_at: datetime) -> None:
+        offset = received_at - heartbeat.mes_time
+        self.clock_state.mes_offset_s = Decimal(offset // _MICROSECOND) / 1_000_000
+        self._dirty.add("clock")
+        self._check_clock(received_at, "the MES heartbeat")
+
+    def _plc_clock(self, event: SignalEvent) -> None:
+        """A PLC's own timestamp ahead of the agent's clock by more than the limit (a past one
+        proves nothing: a value read after an outage carries the time it changed)."""
+        if not event.device_time or event.source_time is None:
+            return
+        ahead = event.source_time - event.received_at
+        seconds = Decimal(ahead // _MICROSECOND) / 1_000_000
+        limit = self.config.clock.max_skew_s
+        state = self.clock_state
+        if limit > 0 and seconds > limit:
+            if state.plc_ahead_s is None or state.plc_source != event.source:
+                state.plc_ahead_s, state.plc_source = seconds, event.source
+                self._dirty.add("clock")
+                self._check_clock(event.received_at, f"PLC {event.source}")
+        elif state.plc_source == event.source and state.plc_ahead_s is not None:
+            state.plc_ahead_s, state.plc_source = None, None
+            self._dirty.add("clock")
+            self._check_clock(event.received_at, f"PLC {event.source}")
+
+    def _check_clock(self, now: datetime, by: str) -> None:
+        limit = self.config.clock.max_skew_s
+        state = self.clock_state
+        mes = state.mes_offset_s
+        problems = []
+        if limit > 0 and mes is not None and abs(mes) > limit:
+            problems.append(f"the agent's clock is {fmt(mes)} s off the MES heartbeat")
+        if limit > 0 and state.plc_ahead_s is not None:
+            problems.append(
+                f"PLC {state.plc_source}'s timestamps are {fmt(state.plc_ahead_s)} s ahead of "
+                "the agent's clock"
+            )
+        if problems and state.trusted:
+            state.trusted = False
+            self._dirty.add("clock")
+            self._begin_step()
+            self._exception(
+                None,
+                ExceptionCode.CLOCK_UNSYNCHRONIZED,
+                Severity.ERROR,
+                "; ".join(problems)
+                + f" (limit {fmt(limit)} s): postings are held, counting goes on, until time "
+                "is trusted again",
+                None,
+                None,
+                details={"mes_offset_s": fmt(mes) if mes is not None else "", "by": by},
+                open_key="clock",
+            )
+        elif not problems and not state.trusted:
+            state.trusted = True
+            self._dirty.add("clock")
+            held, state.held = state.held, []
+            self._begin_step()
+            self._resolve("clock", f"time is trusted again: {len(held)} held posting(s) sent")
+            for item in held:
+                message = parse_message(item["payload"])
+                offset = parse_decimal(item["offset_s"])
+                corrected = message.created_at - timedelta(microseconds=int(offset * 1_000_000))
+                self._outgoing.append(
+                    Outgoing(
+                        message.model_copy(
+                            update={
+                                "created_at": corrected,
+                                "clock": ClockCorrection(
+                                    agent_time=message.created_at,
+                                    offset_s=offset,
+                                    released_at=now,
+                                ),
+                            }
+                        ),
+                        item["topic"],
+                    )
+                )
+            log.info("clock_trusted", released=len(held))
 
     # ------------------------------------------------------------------ messages
 
@@ -1444,7 +2330,23 @@ class Engine:
         }
 
     def _emit(self, message: AnyMessage) -> None:
-        self._outgoing.append(Outgoing(message, f"{self.config.topic_base}/out/{kind_of(message)}"))
+        topic = f"{self.config.topic_base}/out/{kind_of(message)}"
+        if self._produced is not None:
+            self._produced.append(message.message_id)
+        if isinstance(message, MaterialConsumed):
+            payload = encode(message)
+            self._journal.append(
+                (message.message_id, message.order, payload, wire_time(message.created_at))
+            )
+            self._recent[message.message_id] = payload
+        if not self.clock_state.trusted and isinstance(message, POSTINGS):
+            offset = self.clock_state.mes_offset_s or Decimal(0)
+            self.clock_state.held.append(
+                {"topic": topic, "payload": encode(message).decode(), "offset_s": str(offset)}
+            )
+            self._dirty.add("clock")
+            return
+        self._outgoing.append(Outgoing(message, topic))
 
     def _exception(
         self,
@@ -1457,20 +2359,70 @@ class Engine:
         material: str | None = None,
         details: dict[str, str] | None = None,
         trigger: Trigger | None = None,
+        open_key: str | None = None,
+        supersede: bool = True,
+        resolves: str | None = None,
     ) -> None:
+        """Publish an exception. With ``open_key`` it stays open (listed in the status) until
+        :meth:`_resolve` publishes its "resolved" message; raised again while open it either
+        supersedes the open one (its message ``resolves`` the earlier) or, with
+        ``supersede=False``, is not published again."""
+        prior = self.open_exceptions.get(open_key) if open_key else None
+        if prior is not None:
+            if not supersede:
+                return
+            resolves = prior["message_id"]
         self.stats.exceptions[code.value] += 1
         log.warning("exception_raised", code=code.value, text=text, work_centre=work_centre)
+        message = ExceptionMessage(
+            **self._header(work_centre, order or NO_ORDER, operation or "", "exception"),
+            code=code,
+            severity=severity,
+            text=text,
+            order=order,
+            operation=operation,
+            material=material,
+            details=details or {},
+            trigger=trigger,
+            resolves=resolves,
+        )
+        self._emit(message)
+        if open_key is not None:
+            self.open_exceptions[open_key] = {
+                "message_id": message.message_id,
+                "code": code.value,
+                "order": order,
+                "material": material,
+                "work_centre": work_centre,
+                "operation": operation,
+                "since": wire_time(message.created_at),
+                "text": text,
+            }
+            self._dirty.add("exceptions")
+
+    def _resolve(self, key: str, text: str, work_centre: str | None = None) -> None:
+        """The open exception ``key`` has cleared: publish its "resolved" message."""
+        prior = self.open_exceptions.pop(key, None)
+        if prior is None:
+            return
+        self._dirty.add("exceptions")
+        self.stats.exceptions[prior["code"]] += 1
+        log.info("exception_resolved", code=prior["code"], key=key)
         self._emit(
             ExceptionMessage(
-                **self._header(work_centre, order or NO_ORDER, operation or "", "exception"),
-                code=code,
-                severity=severity,
-                text=text,
-                order=order,
-                operation=operation,
-                material=material,
-                details=details or {},
-                trigger=trigger,
+                **self._header(
+                    prior.get("work_centre", work_centre),
+                    prior["order"] or NO_ORDER,
+                    prior.get("operation") or "",
+                    "exception",
+                ),
+                code=ExceptionCode(prior["code"]),
+                severity=Severity.INFO,
+                text=f"resolved: {text}",
+                order=prior["order"],
+                operation=prior.get("operation"),
+                material=prior["material"],
+                resolves=prior["message_id"],
             )
         )
 
@@ -1479,6 +2431,69 @@ class Engine:
 
 _HALF_UP = Rounding.HALF_UP
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def _variance_line(v: ComponentVariance) -> VarianceLine:
+    return VarianceLine(
+        operation=v.operation,
+        material=v.material,
+        uom=v.uom,
+        method=v.method.value,
+        planned=to_decimal(v.planned),
+        theoretical=to_decimal(v.theoretical),
+        issued=v.issued,
+        substituted=v.substituted,
+        held=v.held,
+        residual=-v.returned if v.returned is not None else None,
+        actual=v.actual,
+        variance=to_decimal(v.variance),
+        variance_pct=to_decimal(v.variance_pct) if v.variance_pct is not None else None,
+        flagged=v.flagged,
+        substitutions=tuple(
+            SubstitutionLine(material=x.material, covers=x.covers, quantity=x.quantity, uom=x.uom)
+            for x in v.substitutions
+        ),
+    )
+
+
+def _genealogy(
+    master: MasterData, bindings: Mapping[ComponentKey, BindingState]
+) -> tuple[GenealogyLink, ...]:
+    """Every component lot the order drew from, net of returns and reversals."""
+    drawn: dict[tuple[str, str, bool], Decimal] = {}
+    for binding in bindings.values():
+        for fill in binding.fills:
+            for d in fill.draws:
+                key = (d.material, d.lot, d.substitution)
+                drawn[key] = drawn.get(key, Decimal(0)) + d.quantity
+    return tuple(
+        GenealogyLink(
+            material=material,
+            lot=lot,
+            quantity=quantity,
+            uom=master.materials[material].uom,
+            substitution=substitution,
+        )
+        for (material, lot, substitution), quantity in sorted(drawn.items())
+        if quantity > 0
+    )
+
+
+def _held_key(order: str, operation: str, material: str, lot: str | None) -> str:
+    return f"lot_held/{order}/{operation}/{material}/{lot or ''}"
+
+
+def _work_order(state: OrderState) -> WorkOrder:
+    wo = state.work_order
+    assert wo is not None
+    return WorkOrder(
+        state.order,
+        wo["product"],
+        parse_decimal(wo["quantity"]),
+        wo.get("revision"),
+        wo.get("finished_lot"),
+        wo.get("work_centre"),
+    )
 
 
 def _lag(flow: FlowConfig) -> timedelta:

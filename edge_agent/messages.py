@@ -25,8 +25,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -81,6 +80,9 @@ class Kind(StrEnum):
     MATERIAL_CONSUMED = "material-consumed"
     PRODUCTION_CONFIRMATION = "production-confirmation"
     EXCEPTION = "exception"
+    VARIANCE = "variance"
+    GENEALOGY = "genealogy"
+    COMMAND_REPLY = "command-reply"
 
 
 class ExceptionCode(StrEnum):
@@ -94,6 +96,9 @@ class ExceptionCode(StrEnum):
     POSTING_REJECTED = "posting_rejected"  # the rules refused a confirmation (e.g. below zero)
     SOURCE_UNREACHABLE = "source_unreachable"  # a PLC connection is lost or cannot be made
     SOURCE_RECOVERED = "source_recovered"  # ... and is back (its counters are read again)
+    ORDER_HELD = "order_held"  # counts for an order the MES holds: kept until it is started
+    ORDER_CLOSED = "order_closed"  # counts for an order already closed: kept, not posted
+    CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"  # skew beyond the limit: postings held
 
 
 class Severity(StrEnum):
@@ -118,6 +123,16 @@ class Trigger(_Wire):
     received_at: WireTime
 
 
+class ClockCorrection(_Wire):
+    """A message held while the agent's clock was not trusted (``clock_unsynchronized``):
+    ``created_at`` is corrected by ``offset_s`` (the agent's clock minus the MES's, measured
+    when the message was made); ``agent_time`` is what the agent's clock said then."""
+
+    agent_time: WireTime
+    offset_s: Quantity
+    released_at: WireTime
+
+
 class _Header(_Wire):
     version: Literal[1] = 1
     message_id: str = Field(min_length=1)
@@ -128,6 +143,8 @@ class _Header(_Wire):
     work_centre: str | None
     sequence: int = Field(ge=0)
     created_at: WireTime
+    #: set when the message was held for an untrusted clock and released later
+    clock: ClockCorrection | None = None
 
 
 class LotMovement(_Wire):
@@ -169,6 +186,14 @@ class FeedWindow(_Wire):
     reading_gap_s: Quantity
 
 
+class Reversal(_Wire):
+    """Why a posting was reversed: the MES's reversal command."""
+
+    command_id: str
+    reason_code: str
+    requested_by: str
+
+
 class MaterialConsumed(_Header):
     schema_name: Literal["edge-agent/material-consumed"] = Field(
         default="edge-agent/material-consumed", alias="schema"
@@ -193,6 +218,13 @@ class MaterialConsumed(_Header):
     held_cancelled: Quantity = Decimal(0)
     #: a meter line posted per time slice: the slice
     window: FeedWindow | None = None
+    #: earlier held quantity now bound to lots (``quantity`` is then 0: it was posted before)
+    held_released: Quantity = Decimal(0)
+    #: the finished lot the material went into (the order's, when the MES released one)
+    finished_lot: str | None = None
+    #: a compensating posting: the message it reverses, and who asked why
+    reverses: str | None = None
+    reversal: Reversal | None = None
     trigger: Trigger
 
 
@@ -224,35 +256,187 @@ class ExceptionMessage(_Header):
     material: str | None = None
     details: dict[str, str] = Field(default_factory=dict)
     trigger: Trigger | None = None
+    #: a "resolved" message: the id of the exception that has cleared (same ``code``)
+    resolves: str | None = None
 
 
-Message = Annotated[
-    MaterialConsumed | ProductionConfirmation | ExceptionMessage,
-    Field(discriminator="schema_name"),
-]
-_MESSAGE: TypeAdapter[MaterialConsumed | ProductionConfirmation | ExceptionMessage] = TypeAdapter(
-    Message
+class SubstitutionLine(_Wire):
+    """An alternate drawn in place of the primary: ``covers`` is in the primary's unit."""
+
+    material: str
+    covers: Quantity
+    quantity: Quantity
+    uom: str
+
+
+class VarianceLine(_Wire):
+    """One component at order close (exact values, to 12 decimal places at most)."""
+
+    operation: str
+    material: str
+    uom: str
+    method: Literal["backflush", "meter", "weigh"]
+    planned: Quantity
+    theoretical: Quantity
+    #: primary material bound to lots, net of reversals
+    issued: Quantity
+    #: primary-unit quantity covered by alternates (mix variance)
+    substituted: Quantity
+    #: posted but still waiting for an eligible lot
+    held: Quantity
+    #: material gone from the remnant lots without a posting (balance − counted remnant)
+    residual: Quantity | None
+    #: issued + substituted + residual (None when no remnant was counted)
+    actual: Quantity | None
+    variance: Quantity
+    variance_pct: Quantity | None
+    flagged: bool
+    substitutions: tuple[SubstitutionLine, ...] = ()
+
+
+class Remnant(_Wire):
+    """A lot returned to stock at close: counted ``quantity`` against the agent's balance."""
+
+    lot: str
+    material: str
+    uom: str
+    quantity: Quantity
+    balance: Quantity
+    residual: Quantity
+
+
+class OrderVariance(_Header):
+    schema_name: Literal["edge-agent/variance"] = Field(
+        default="edge-agent/variance", alias="schema"
+    )
+    order: str
+    product: str
+    bom_revision: str
+    finished_lot: str | None
+    planned_quantity: Quantity
+    uom: str
+    threshold_pct: Quantity
+    lines: tuple[VarianceLine, ...]
+    remnants: tuple[Remnant, ...] = ()
+    command_id: str
+
+
+class GenealogyLink(_Wire):
+    material: str
+    lot: str
+    quantity: Quantity
+    uom: str
+    substitution: bool = False
+
+
+class Genealogy(_Header):
+    """Finished lot → the component lots (and quantities) that went into it, at order close."""
+
+    schema_name: Literal["edge-agent/genealogy"] = Field(
+        default="edge-agent/genealogy", alias="schema"
+    )
+    order: str
+    product: str
+    bom_revision: str
+    finished_lot: str | None
+    good: Quantity
+    scrap: Quantity
+    uom: str
+    components: tuple[GenealogyLink, ...]
+    command_id: str
+
+
+class CommandReply(_Header):
+    """The agent's answer to every MES command: accepted (applied, or already applied) or
+    rejected with the reason; a rejected command changed nothing."""
+
+    schema_name: Literal["edge-agent/command-reply"] = Field(
+        default="edge-agent/command-reply", alias="schema"
+    )
+    #: None when the payload was too broken to carry one
+    command_id: str | None
+    #: the command's kind (the topic's last level)
+    command: str
+    result: Literal["accepted", "rejected"]
+    reason: str | None = None
+    #: the command id was seen before: it was applied once, this is the same answer again
+    duplicate: bool = False
+    #: ids of the messages the command produced (a compensating posting, a variance, ...)
+    produced: tuple[str, ...] = ()
+
+
+class SourceState(_Wire):
+    connected: bool
+    #: a signal not good right now → its status
+    bad_signals: dict[str, str] = Field(default_factory=dict)
+
+
+class OpenException(_Wire):
+    """An exception not yet resolved: its message id (a later message ``resolves`` it)."""
+
+    message_id: str
+    code: ExceptionCode
+    order: str | None = None
+    material: str | None = None
+    since: WireTime
+    text: str
+
+
+class StatusMessage(_Wire):
+    """The retained ``{topic_base}/status``: the birth (online), updated every
+    ``status_interval_s``, and the last will (offline, with no figures: the broker publishes it
+    when the agent is gone, so only what was known at connect time)."""
+
+    schema_name: Literal["edge-agent/status"] = Field(default="edge-agent/status", alias="schema")
+    version: Literal[1] = 1
+    agent: str
+    site: str
+    area: str
+    line: str
+    state: Literal["online", "offline"]
+    software: str
+    at: WireTime
+    outbox_depth: int | None = None
+    #: age of the oldest message still waiting for its acknowledgement (None: none waiting)
+    oldest_unacknowledged_s: Quantity | None = None
+    sources: dict[str, SourceState] = Field(default_factory=dict)
+    clock_trusted: bool | None = None
+    open_exceptions: tuple[OpenException, ...] = ()
+
+
+AnyMessage = (
+    MaterialConsumed
+    | ProductionConfirmation
+    | ExceptionMessage
+    | OrderVariance
+    | Genealogy
+    | CommandReply
 )
+Message = Annotated[AnyMessage, Field(discriminator="schema_name")]
+_MESSAGE: TypeAdapter[AnyMessage] = TypeAdapter(Message)
 
 KIND_OF: dict[type[_Header], Kind] = {
     MaterialConsumed: Kind.MATERIAL_CONSUMED,
     ProductionConfirmation: Kind.PRODUCTION_CONFIRMATION,
     ExceptionMessage: Kind.EXCEPTION,
+    OrderVariance: Kind.VARIANCE,
+    Genealogy: Kind.GENEALOGY,
+    CommandReply: Kind.COMMAND_REPLY,
 }
+#: postings: held while the agent's clock is not trusted (exceptions and replies are not)
+POSTINGS = (MaterialConsumed, ProductionConfirmation, OrderVariance, Genealogy)
 
 
-def kind_of(message: MaterialConsumed | ProductionConfirmation | ExceptionMessage) -> Kind:
+def kind_of(message: AnyMessage) -> Kind:
     return KIND_OF[type(message)]
 
 
-def encode(message: MaterialConsumed | ProductionConfirmation | ExceptionMessage) -> bytes:
+def encode(message: AnyMessage) -> bytes:
     """The wire form: compact JSON, field names as in the contract."""
     return message.model_dump_json(by_alias=True).encode()
 
 
-def parse_message(
-    payload: bytes | str,
-) -> MaterialConsumed | ProductionConfirmation | ExceptionMessage:
+def parse_message(payload: bytes | str) -> AnyMessage:
     """Validate a received message; :class:`InputError` names every bad field."""
     try:
         return _MESSAGE.validate_json(payload)
@@ -261,41 +445,3 @@ def parse_message(
             f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()
         ]
         raise InputError("invalid message: " + "; ".join(problems)) from None
-
-
-#: the JSON Schema dialect of the generated schemas
-SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema of every message kind, by kind (for the MES side), generated from the
-    same pydantic models the agent writes and the MES simulator parses with."""
-    out = {}
-    for model, kind in KIND_OF.items():
-        schema = model.model_json_schema(by_alias=True, mode="serialization")
-        out[kind.value] = {
-            "$schema": SCHEMA_DRAFT,
-            "$id": f"{SCHEMA_PREFIX}{kind.value}/v{VERSION}",
-            **schema,
-        }
-    return out
-
-
-def schema_files() -> dict[str, str]:
-    """File name → text of every message kind's schema: ``{kind}.v{version}.schema.json``,
-    stable (sorted keys, two-space indent, a final newline) so a drift shows as a diff."""
-    return {
-        f"{kind}.v{VERSION}.schema.json": json.dumps(schema, indent=2, sort_keys=True) + "\n"
-        for kind, schema in json_schemas().items()
-    }
-
-
-def write_schemas(directory: Path) -> list[Path]:
-    """Write :func:`schema_files` into ``directory`` (created if missing); the paths written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in schema_files().items():
-        path = directory / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written

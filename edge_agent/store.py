@@ -12,6 +12,8 @@ Tables::
     masterdata(kind, key, value JSON)        the master-data cache
     outbox(seq AUTOINCREMENT, message_id UNIQUE, topic, payload BLOB, created_at)
     audit(seq, at, kind, ref, payload_sha256, prev_hash, hash)
+    journal(message_id PRIMARY KEY, order_id, payload BLOB, created_at)
+                                             every posting sent, for a reversal by id (schema 2)
 
 The audit log is a hash chain: ``hash = sha256(json([prev_hash, seq, at, kind, ref,
 payload_sha256]))`` with compact separators, the first ``prev_hash`` being 64 zeros. Every message
@@ -40,7 +42,7 @@ import aiosqlite
 
 from edge_agent.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS = "0" * 64
 SQLITE_HEADER = b"SQLite format 3\x00"
 RECOVERY = (
@@ -58,6 +60,11 @@ CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT UNIQ
 CREATE TABLE audit (seq INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL,
                     ref TEXT NOT NULL, payload_sha256 TEXT NOT NULL, prev_hash TEXT NOT NULL,
                     hash TEXT NOT NULL);
+"""
+#: schema 2: the postings journal (a reversal names the posting it reverses by id)
+_JOURNAL = """
+CREATE TABLE journal (message_id TEXT PRIMARY KEY, order_id TEXT NOT NULL,
+                      payload BLOB NOT NULL, created_at TEXT NOT NULL);
 """
 _TABLES = {"meta", "state", "masterdata", "outbox", "audit"}
 
@@ -106,6 +113,10 @@ class UnitOfWork:
     def enqueue(self, message_id: str, topic: str, payload: bytes, created_at: str) -> None:
         """Queue a message; a message id already in the outbox is not queued twice."""
         self.ops.append(("enqueue", (message_id, topic, payload, created_at)))
+
+    def journal(self, message_id: str, order: str, payload: bytes, created_at: str) -> None:
+        """Keep a posting for later reference (a reversal by its id)."""
+        self.ops.append(("journal", (message_id, order, payload, created_at)))
 
     def audit(self, kind: str, ref: str, payload: bytes, at: str) -> None:
         """Append an audit entry (e.g. an applied command) to the hash chain."""
@@ -182,6 +193,11 @@ class Store:
                     f"({SCHEMA_VERSION}): run the agent version that wrote it"
                 )
             await self._use_wal(synchronous)
+            if int(version) < 2:
+                await self._db.executescript(
+                    "BEGIN;" + _JOURNAL + "UPDATE meta SET value = '2' WHERE key = "
+                    "'schema_version';COMMIT;"
+                )
             last = await self._db.execute_fetchall(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
             )
@@ -198,6 +214,7 @@ class Store:
         await self._db.executescript(
             "BEGIN;"
             + _SCHEMA
+            + _JOURNAL
             + "INSERT INTO meta VALUES ('schema_version', '"
             + str(SCHEMA_VERSION)
             + "'), ('created_at', '"
@@ -267,6 +284,8 @@ class Store:
             if cursor.rowcount == 1:
                 payload_sha = hashlib.sha256(payload).hexdigest()
                 return await self._chain(seq, digest, created_at, "outbox", message_id, payload_sha)
+        elif op == "journal":
+            await db.execute("INSERT OR IGNORE INTO journal VALUES (?, ?, ?, ?)", args)
         elif op == "audit":
             kind, ref, payload_sha, at = args
             return await self._chain(seq, digest, at, kind, ref, payload_sha)
@@ -307,6 +326,11 @@ class Store:
             "SELECT value FROM masterdata WHERE kind = ? AND key = ?", (kind, key)
         )
         return json.loads(rows[0][0]) if rows else None
+
+    async def journal_entry(self, message_id: str) -> bytes | None:
+        """The payload of a posting sent earlier, by its message id."""
+        rows = await self._fetch("SELECT payload FROM journal WHERE message_id = ?", (message_id,))
+        return bytes(rows[0][0]) if rows else None
 
     async def outbox_batch(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
         """Waiting messages in order, after ``after_seq`` (committed ones only)."""

@@ -20,9 +20,18 @@ It proves "nothing lost, nothing doubled" (shared/DESIGN.md §3.1) for the end-t
   until the MES has it, even across a broker that forgets sessions (the embedded one).
 - **Exact totals.** Quantities are kept as the decimal strings of the wire and summed as
   :class:`~decimal.Decimal` in Python, never as SQL floats.
+- **The rest of the contract** (issue 5): compensating postings are kept with the id they
+  ``reverses`` (:meth:`Ledger.net_of` shows a reversal netting to zero), command replies,
+  order variances and genealogy in tables of their own, and exceptions with what they
+  ``resolves`` (:meth:`Ledger.open_exceptions`).
+- **Commands.** :meth:`MesSimulator.send` and its helpers (``release_order``, ``stage_lot``,
+  ``reverse``, ``heartbeat``, ...) publish the MES's commands at QoS 1 to
+  ``{topic_base}/in/{kind}``; the agent's ``command-reply`` arrives on ``out/`` like any other
+  message, and :meth:`MesSimulator.wait_reply` waits for it in the ledger.
 
 The ledger is an SQLite file that survives a restart of the simulator (open the same file again).
-Run it on its own with ``python -m simulators.mes --help``.
+Run it on its own with ``python -m simulators.mes --help``; ``python -m simulators.mes send``
+publishes one command file.
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import queue
 import signal
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -48,17 +59,35 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from edge_agent.commands import (
+    COMMAND_MODELS,
+    CommandRejected,
+    Heartbeat,
+    LotStagingCommand,
+    MasterDataCommand,
+    RemnantCount,
+    ReversalCommand,
+    WorkOrderCommand,
+    parse_command,
+)
 from edge_agent.config import Config
+from edge_agent.domain.lots import LotStatus
 from edge_agent.domain.quantities import fmt
 from edge_agent.errors import InputError
 from edge_agent.logs import configure_logging
 from edge_agent.messages import (
+    AnyMessage,
+    CommandReply,
     ExceptionMessage,
+    Genealogy,
     MaterialConsumed,
+    OrderVariance,
     ProductionConfirmation,
+    Severity,
     kind_of,
     parse_message,
     wire_time,
@@ -70,7 +99,8 @@ log = structlog.get_logger(__name__)
 Protocol = Literal["5", "3.1.1"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
-LEDGER_VERSION = 1
+#: 2: reversals, command replies, variances, genealogy, resolved exceptions (issue 5)
+LEDGER_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -100,8 +130,10 @@ CREATE TABLE IF NOT EXISTS consumption (
     operation   TEXT NOT NULL,
     material    TEXT NOT NULL,
     uom         TEXT NOT NULL,
-    quantity    TEXT NOT NULL  -- the wire's decimal string
+    quantity    TEXT NOT NULL,  -- the wire's decimal string
+    reverses    TEXT            -- a compensating posting: the message id it reverses
 );
+CREATE INDEX IF NOT EXISTS consumption_reverses ON consumption (reverses);
 CREATE TABLE IF NOT EXISTS lot_movements (
     message_id  TEXT NOT NULL REFERENCES messages (message_id),
     idx         INTEGER NOT NULL,
@@ -109,8 +141,10 @@ CREATE TABLE IF NOT EXISTS lot_movements (
     lot         TEXT NOT NULL,
     material    TEXT NOT NULL,
     quantity    TEXT NOT NULL,
+    reverses    TEXT,
     PRIMARY KEY (message_id, idx)
 );
+CREATE INDEX IF NOT EXISTS lot_movements_reverses ON lot_movements (reverses);
 CREATE TABLE IF NOT EXISTS confirmations (
     message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
     order_id    TEXT NOT NULL,
@@ -124,7 +158,33 @@ CREATE TABLE IF NOT EXISTS exceptions (
     code        TEXT NOT NULL,
     severity    TEXT NOT NULL,
     order_id    TEXT,
-    text        TEXT NOT NULL
+    material    TEXT,
+    text        TEXT NOT NULL,
+    resolves    TEXT  -- a "resolved" message: the exception that has cleared
+);
+CREATE INDEX IF NOT EXISTS exceptions_resolves ON exceptions (resolves);
+CREATE TABLE IF NOT EXISTS replies (
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    command_id  TEXT,  -- NULL: the command was too broken to carry one
+    command     TEXT NOT NULL,
+    result      TEXT NOT NULL,  -- accepted | rejected
+    reason      TEXT,
+    duplicate   INTEGER NOT NULL,
+    produced    TEXT NOT NULL  -- JSON array of message ids
+);
+CREATE INDEX IF NOT EXISTS replies_command ON replies (command_id);
+CREATE TABLE IF NOT EXISTS variances (
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    order_id    TEXT NOT NULL,
+    command_id  TEXT NOT NULL,
+    payload     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS genealogy (
+    message_id   TEXT PRIMARY KEY REFERENCES messages (message_id),
+    order_id     TEXT NOT NULL,
+    finished_lot TEXT,
+    command_id   TEXT NOT NULL,
+    payload      BLOB NOT NULL
 );
 CREATE VIEW IF NOT EXISTS totals AS SELECT
     (SELECT count(*) FROM messages) AS received,
@@ -137,8 +197,11 @@ CREATE VIEW IF NOT EXISTS exception_counts AS
     SELECT code, count(*) AS messages FROM exceptions GROUP BY code;
 """
 
-AnyMessage = MaterialConsumed | ProductionConfirmation | ExceptionMessage
+#: command model → its kind (the last level of ``{topic_base}/in/{kind}``)
+COMMAND_KINDS: dict[type[BaseModel], str] = {model: kind for kind, model in COMMAND_MODELS.items()}
+
 K = TypeVar("K")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Counts(NamedTuple):
@@ -266,7 +329,7 @@ class Ledger:
                     (message.message_id, topic, received_at, parse_message(first) == message),
                 )
                 return Recorded("duplicate", message.message_id)
-            _insert_details(db, message)
+            _insert_details(db, message, payload)
             return Recorded("new", message.message_id)
 
     @contextlib.contextmanager
@@ -330,13 +393,102 @@ class Ledger:
             rows = db.execute("SELECT topic, received_at, error, payload FROM rejected ORDER BY id")
             return [Rejection(t, at, e, bytes(p)) for t, at, e, p in rows]
 
+    def net_of(self, message_id: str) -> tuple[Decimal, dict[tuple[str, str], Decimal]]:
+        """A material-consumed message plus every message that reverses it: the net quantity,
+        and the net per (lot, material) of their lot movements (an entry that nets to zero is
+        kept, so a fully reversed posting shows its lots at 0).
 
-def _insert_details(db: sqlite3.Connection, message: AnyMessage) -> None:
+        Only the messages whose ``reverses`` names ``message_id`` count, not a reversal of a
+        reversal. KeyError when no material-consumed message has that id.
+        """
+        with self._reader() as db:
+            rows = db.execute(
+                "SELECT quantity FROM consumption WHERE message_id = ? OR reverses = ?",
+                (message_id, message_id),
+            ).fetchall()
+            if not db.execute(
+                "SELECT 1 FROM consumption WHERE message_id = ?", (message_id,)
+            ).fetchone():
+                raise KeyError(f"no material-consumed message {message_id!r} in the ledger")
+            lots = db.execute(
+                "SELECT lot, material, quantity FROM lot_movements "
+                "WHERE message_id = ? OR reverses = ? ORDER BY rowid",
+                (message_id, message_id),
+            )
+            by_lot = _sum(((lot, material), qty) for lot, material, qty in lots)
+        return sum((Decimal(q) for (q,) in rows), Decimal(0)), by_lot
+
+    def reversals(self) -> dict[str, list[str]]:
+        """Original message id → the ids of the compensating postings, in arrival order."""
+        out: dict[str, list[str]] = {}
+        with self._reader() as db:
+            rows = db.execute(
+                "SELECT reverses, message_id FROM consumption WHERE reverses IS NOT NULL "
+                "ORDER BY rowid"
+            )
+            for original, compensating in rows:
+                out.setdefault(original, []).append(compensating)
+        return out
+
+    def replies(self, command_id: str | None = None) -> list[CommandReply]:
+        """The agent's command replies (all, or those of one command id), in arrival order."""
+        where, args = (
+            ("WHERE r.command_id = ?", (command_id,)) if command_id is not None else ("", ())
+        )
+        return self._parsed(CommandReply, "replies", where, args)
+
+    def variances(self, order: str | None = None) -> list[OrderVariance]:
+        """The variance messages (all, or those of one order), in arrival order."""
+        where, args = ("WHERE r.order_id = ?", (order,)) if order is not None else ("", ())
+        return self._parsed(OrderVariance, "variances", where, args)
+
+    def genealogy(self, order: str | None = None) -> list[Genealogy]:
+        """The genealogy messages (all, or those of one order), in arrival order."""
+        where, args = ("WHERE r.order_id = ?", (order,)) if order is not None else ("", ())
+        return self._parsed(Genealogy, "genealogy", where, args)
+
+    def open_exceptions(self) -> list[ExceptionMessage]:
+        """Exceptions still open, in arrival order: not ``info``, not themselves a "resolved"
+        message, and not resolved by another exception (whatever the arrival order)."""
+        where = (
+            "WHERE r.severity != ? AND r.resolves IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM exceptions AS x WHERE x.resolves = r.message_id)"
+        )
+        return self._parsed(ExceptionMessage, "exceptions", where, (Severity.INFO.value,))
+
+    def _parsed(self, model: type[M], table: str, where: str, args: Sequence[object]) -> list[M]:
+        with self._reader() as db:
+            rows = db.execute(
+                f"SELECT m.payload FROM {table} AS r JOIN messages AS m USING (message_id) "
+                f"{where} ORDER BY r.rowid",
+                args,
+            ).fetchall()
+        out: list[M] = []
+        for (payload,) in rows:
+            message = parse_message(payload)
+            assert isinstance(message, model), (table, type(message))
+            out.append(message)
+        return out
+
+    def reply_counts(self) -> dict[str, int]:
+        """``accepted``, ``rejected`` (replies by result) and ``duplicates`` (replies to a
+        command id seen before)."""
+        with self._reader() as db:
+            counts = dict.fromkeys(("accepted", "rejected"), 0)
+            counts.update(db.execute("SELECT result, count(*) FROM replies GROUP BY result"))
+            (counts["duplicates"],) = db.execute(
+                "SELECT count(*) FROM replies WHERE duplicate"
+            ).fetchone()
+        return counts
+
+
+def _insert_details(db: sqlite3.Connection, message: AnyMessage, payload: bytes) -> None:
     mid = message.message_id
     if isinstance(message, MaterialConsumed):
         db.execute(
-            "INSERT INTO consumption (message_id, order_id, operation, material, uom, quantity) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO consumption "
+            "(message_id, order_id, operation, material, uom, quantity, reverses) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 mid,
                 message.order,
@@ -344,13 +496,15 @@ def _insert_details(db: sqlite3.Connection, message: AnyMessage) -> None:
                 message.material,
                 message.uom,
                 fmt(message.quantity),
+                message.reverses,
             ),
         )
         db.executemany(
-            "INSERT INTO lot_movements (message_id, idx, order_id, lot, material, quantity) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO lot_movements "
+            "(message_id, idx, order_id, lot, material, quantity, reverses) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (mid, i, message.order, m.lot, m.material, fmt(m.quantity))
+                (mid, i, message.order, m.lot, m.material, fmt(m.quantity), message.reverses)
                 for i, m in enumerate(message.lots)
             ],
         )
@@ -367,11 +521,46 @@ def _insert_details(db: sqlite3.Connection, message: AnyMessage) -> None:
                 message.uom,
             ),
         )
+    elif isinstance(message, ExceptionMessage):
+        db.execute(
+            "INSERT INTO exceptions "
+            "(message_id, code, severity, order_id, material, text, resolves) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                mid,
+                message.code.value,
+                message.severity.value,
+                message.order,
+                message.material,
+                message.text,
+                message.resolves,
+            ),
+        )
+    elif isinstance(message, CommandReply):
+        db.execute(
+            "INSERT INTO replies "
+            "(message_id, command_id, command, result, reason, duplicate, produced) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                mid,
+                message.command_id,
+                message.command,
+                message.result,
+                message.reason,
+                message.duplicate,
+                json.dumps(list(message.produced)),
+            ),
+        )
+    elif isinstance(message, OrderVariance):
+        db.execute(
+            "INSERT INTO variances (message_id, order_id, command_id, payload) VALUES (?, ?, ?, ?)",
+            (mid, message.order, message.command_id, payload),
+        )
     else:
         db.execute(
-            "INSERT INTO exceptions (message_id, code, severity, order_id, text) "
+            "INSERT INTO genealogy (message_id, order_id, finished_lot, command_id, payload) "
             "VALUES (?, ?, ?, ?, ?)",
-            (mid, message.code.value, message.severity.value, message.order, message.text),
+            (mid, message.order, message.finished_lot, message.command_id, payload),
         )
 
 
@@ -421,6 +610,8 @@ class MesSimulator:
             raise ValueError("need 1 <= reconnect_min_s <= reconnect_max_s")
         self.host = host
         self.port = port
+        #: where commands go (``{topic_base}/in/{kind}``); None: this simulator only listens
+        self.topic_base = topic_base
         self.topic_filter = topic_filter if topic_filter is not None else f"{topic_base}/out/#"
         self.protocol: Protocol = protocol
         self.client_id = client_id
@@ -433,6 +624,8 @@ class MesSimulator:
         self.ledger = Ledger(ledger)
         #: end-to-end acknowledgements published
         self.acks_sent = 0
+        #: commands (and raw payloads) published and acknowledged by the broker
+        self.commands_sent = 0
         #: deliveries the ledger could not record (not acknowledged: the broker sends them again)
         self.errors = 0
         #: the last refusal (connect or subscribe) seen from the broker
@@ -558,6 +751,15 @@ class MesSimulator:
     def rejections(self) -> list[Rejection]:
         return self.ledger.rejections()
 
+    def replies(self, command_id: str | None = None) -> list[CommandReply]:
+        return self.ledger.replies(command_id)
+
+    def open_exceptions(self) -> list[ExceptionMessage]:
+        return self.ledger.open_exceptions()
+
+    def net_of(self, message_id: str) -> tuple[Decimal, dict[tuple[str, str], Decimal]]:
+        return self.ledger.net_of(message_id)
+
     def wait_for(
         self,
         condition: int | Callable[[MesSimulator], bool],
@@ -585,6 +787,195 @@ class MesSimulator:
                     f"MES simulator: {what} not reached within {timeout} s ({self.counts()})"
                 )
             time.sleep(interval)
+
+    # ------------------------------------------------------------------------ commands
+
+    def send(self, command: BaseModel, timeout: float = 10.0) -> str:
+        """Publish a command (a model of :data:`edge_agent.commands.COMMAND_MODELS`) at QoS 1
+        on ``{topic_base}/in/{kind}`` and wait for the broker's PUBACK; its command id (``''``
+        for a heartbeat, which has none)."""
+        kind = COMMAND_KINDS.get(type(command))
+        if kind is None:
+            raise TypeError(f"not a command model: {type(command).__name__}")
+        self.send_raw(kind, command.model_dump_json(by_alias=True).encode(), timeout)
+        command_id = getattr(command, "command_id", None) or ""
+        assert isinstance(command_id, str)
+        return command_id if kind != "heartbeat" else ""
+
+    def send_raw(self, kind: str, payload: bytes, timeout: float = 10.0) -> None:
+        """Publish any bytes on ``{topic_base}/in/{kind}`` at QoS 1 (a command the agent must
+        reject, a kind it does not know) and wait for the broker's PUBACK (a heartbeat: QoS 0,
+        sent)."""
+        if self.topic_base is None:
+            raise RuntimeError("the MES simulator has no topic_base: it cannot send commands")
+        client = self._client
+        if client is None:
+            raise RuntimeError("the MES simulator is not started: start it before sending")
+        if not self._connected.is_set():
+            raise RuntimeError(f"the MES simulator is not connected to {self.host}:{self.port}")
+        topic = f"{self.topic_base}/in/{kind}"
+        # a heartbeat goes at QoS 0: the broker does not queue it for an agent that is away,
+        # whose clock would otherwise be compared with a stale reading when it is back
+        qos = 0 if kind == "heartbeat" else 1
+        info = client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"{topic}: no PUBACK from the broker within {timeout} s")
+        self.commands_sent += 1
+
+    def new_command_id(self) -> str:
+        """A fresh command id: the client id and 12 random hex digits."""
+        return f"{self.client_id}-{uuid.uuid4().hex[:12]}"
+
+    def master_data(self, doc: dict[str, Any], *, command_id: str | None = None) -> str:
+        """Send materials and BOM revisions (the JSON ``edge-agent calc`` reads)."""
+        return self.send(
+            MasterDataCommand(command_id=command_id or self.new_command_id(), master_data=doc)
+        )
+
+    def release_order(
+        self,
+        order: str,
+        product: str,
+        quantity: Decimal | int | str,
+        revision: str | None = None,
+        finished_lot: str | None = None,
+        work_centre: str | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        return self._work_order(
+            command_id,
+            action="release",
+            order=order,
+            product=product,
+            quantity=Decimal(quantity),
+            revision=revision,
+            finished_lot=finished_lot,
+            work_centre=work_centre,
+        )
+
+    def start_order(self, order: str, *, command_id: str | None = None) -> str:
+        """Start a released order (or resume a held one)."""
+        return self._work_order(command_id, action="start", order=order)
+
+    def hold_order(
+        self, order: str, reason: str | None = None, *, command_id: str | None = None
+    ) -> str:
+        return self._work_order(command_id, action="hold", order=order, reason=reason)
+
+    def close_order(
+        self,
+        order: str,
+        remnants: Mapping[str, Decimal | int | str] | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        """Close an order; ``remnants``: lot → counted quantity returned to stock."""
+        counts = tuple(
+            RemnantCount(lot=lot, quantity=Decimal(q)) for lot, q in (remnants or {}).items()
+        )
+        return self._work_order(command_id, action="close", order=order, remnants=counts)
+
+    def _work_order(self, command_id: str | None, **fields: Any) -> str:
+        return self.send(WorkOrderCommand(command_id=command_id or self.new_command_id(), **fields))
+
+    def stage_lot(
+        self,
+        lot: str,
+        material: str,
+        quantity: Decimal | int | str,
+        expiry: datetime | None = None,
+        status: LotStatus | str = LotStatus.RELEASED,
+        order: str | None = None,
+        work_centre: str | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        return self._lot(
+            command_id,
+            action="staged",
+            lot=lot,
+            material=material,
+            quantity=Decimal(quantity),
+            expiry=expiry,
+            status=LotStatus(status),
+            order=order,
+            work_centre=work_centre,
+        )
+
+    def return_lot(
+        self, lot: str, quantity: Decimal | int | str, *, command_id: str | None = None
+    ) -> str:
+        return self._lot(command_id, action="returned", lot=lot, quantity=Decimal(quantity))
+
+    def quarantine_lot(self, lot: str, *, command_id: str | None = None) -> str:
+        return self._lot(command_id, action="quarantined", lot=lot)
+
+    def release_lot(self, lot: str, *, command_id: str | None = None) -> str:
+        return self._lot(command_id, action="released", lot=lot)
+
+    def rebin_lot(
+        self,
+        lot: str,
+        order: str | None = None,
+        work_centre: str | None = None,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        """Rebin a lot to an order and/or work centre (None: any)."""
+        return self._lot(
+            command_id, action="rebinned", lot=lot, order=order, work_centre=work_centre
+        )
+
+    def _lot(self, command_id: str | None, **fields: Any) -> str:
+        return self.send(
+            LotStagingCommand(command_id=command_id or self.new_command_id(), **fields)
+        )
+
+    def reverse(
+        self,
+        message_id: str,
+        reason_code: str,
+        requested_by: str,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        """Ask the agent to reverse the material-consumed message ``message_id``."""
+        return self.send(
+            ReversalCommand(
+                command_id=command_id or self.new_command_id(),
+                message_id=message_id,
+                reason_code=reason_code,
+                requested_by=requested_by,
+            )
+        )
+
+    def heartbeat(self, mes_time: datetime | None = None) -> str:
+        """Send the MES's clock (now, by default); ``''``: a heartbeat has no id and no reply."""
+        return self.send(Heartbeat(mes_time=mes_time or datetime.now(UTC)))
+
+    def wait_reply(self, command_id: str, timeout: float = 20.0) -> CommandReply:
+        """The agent's (first) reply to ``command_id``, polling the ledger."""
+        return self.wait_replies(command_id, 1, timeout)[0]
+
+    def wait_replies(self, command_id: str, n: int, timeout: float = 20.0) -> list[CommandReply]:
+        """The first ``n`` replies to ``command_id`` (a command sent ``n`` times), polling the
+        ledger; TimeoutError names the command id and the replies seen so far."""
+        deadline = time.monotonic() + timeout
+        while len(replies := self.ledger.replies(command_id)) < n:
+            if time.monotonic() >= deadline:
+                seen = [
+                    f"{r.command_id} {r.command} {r.result}"
+                    + (f" ({r.reason})" if r.reason else "")
+                    for r in self.ledger.replies()
+                ]
+                raise TimeoutError(
+                    f"MES simulator: {len(replies)} of {n} replies to command {command_id!r} "
+                    f"within {timeout} s; replies so far: {seen or 'none'}"
+                )
+            time.sleep(0.02)
+        return replies[:n]
 
     # ------------------------------------------------------------------ paho callbacks (thread)
 
@@ -702,7 +1093,74 @@ def report_tables(ledger: Ledger) -> list[Table]:
     for (order, operation), (good, scrap) in sorted(ledger.confirmations().items()):
         confirmations.add_row(order, operation, fmt(good), fmt(scrap))
     exceptions = _table("Exceptions", ["code", "count"], sorted(ledger.exceptions().items()))
-    return [messages, consumption, lots, confirmations, exceptions]
+    replies = ledger.reply_counts()
+    commands = _table(
+        "Commands",
+        ["", "count"],
+        [
+            ("replies accepted", replies["accepted"]),
+            ("replies rejected", replies["rejected"]),
+            ("  of which duplicates", replies["duplicates"]),
+            ("reversals", sum(len(ids) for ids in ledger.reversals().values())),
+            ("open exceptions", len(ledger.open_exceptions())),
+        ],
+    )
+    return [
+        messages,
+        consumption,
+        lots,
+        confirmations,
+        exceptions,
+        commands,
+        variance_table(ledger),
+    ]
+
+
+def variance_table(ledger: Ledger) -> Table:
+    """One row per variance line of each closed order, in the order the variances arrived."""
+    table = Table(title="Variances", title_justify="left")
+    # fourteen columns: a narrow terminal wraps a value ("fold"), never cuts it to "…"
+    for column in ("order", "op", "material", "uom"):
+        table.add_column(column, overflow="fold")
+    numbers = ("planned", "theoretical", "issued", "substituted", "held", "residual", "actual")
+    headers = ("planned", "theor.", "issued", "subst.", "held", "resid.", "actual")
+    for column in (*headers, "var.", "%", "flag"):
+        table.add_column(column, justify="right", overflow="fold")
+
+    def show(value: Decimal | None) -> str:
+        return "-" if value is None else fmt(value)
+
+    for variance in ledger.variances():
+        for line in variance.lines:
+            table.add_row(
+                variance.order,
+                line.operation,
+                line.material,
+                line.uom,
+                *(show(getattr(line, column)) for column in numbers),
+                show(line.variance),
+                show(line.variance_pct),
+                "yes" if line.flagged else "",
+            )
+    return table
+
+
+def reply_table(reply: CommandReply) -> Table:
+    """One command reply, field by field."""
+    return _table(
+        "Command reply",
+        ["field", "value"],
+        [
+            ("command_id", reply.command_id or "-"),
+            ("command", reply.command),
+            ("result", reply.result),
+            ("reason", reply.reason or "-"),
+            ("duplicate", "yes" if reply.duplicate else "no"),
+            ("produced", ", ".join(reply.produced) or "-"),
+            ("message_id", reply.message_id),
+            ("created_at", wire_time(reply.created_at)),
+        ],
+    )
 
 
 def print_report(ledger: Ledger, console: Console) -> None:
@@ -733,10 +1191,19 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simulators.mes [options]`` listens (or reports); ``... send`` sends."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["send"]:
+        return send_main(args_list[1:])
+    return listen_main(args_list)
+
+
+def _listen_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulators.mes",
         description="The MES side of the agent's MQTT contract: receives, validates and "
         "deduplicates the agent's messages into an SQLite ledger; Ctrl-C prints the totals.",
+        epilog="To publish one command to the agent: python -m simulators.mes send --help",
     )
     parser.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
     parser.add_argument(
@@ -756,6 +1223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="only print the totals of an existing ledger"
     )
+    return parser
+
+
+def listen_main(argv: Sequence[str]) -> int:
+    """The simulator: subscribe and record until interrupted (or ``--report`` a ledger)."""
+    parser = _listen_parser()
     args = parser.parse_args(argv)
     console = Console()
 
@@ -813,6 +1286,184 @@ def main(argv: Sequence[str] | None = None) -> int:
         mes.close()
     print_report(mes.ledger, console)
     return 0
+
+
+def _command_payload(
+    parser: argparse.ArgumentParser, kind: str, path: Path, raw: bool
+) -> tuple[bytes, str]:
+    """The payload to publish and its command id (``''`` for a heartbeat or a raw file);
+    ``parser.error`` names the file and the problem."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        parser.error(f"{path}: cannot read the command file ({exc.strerror or exc})")
+    if raw:
+        return text, ""
+    if kind not in COMMAND_MODELS:
+        parser.error(f"KIND: unknown command kind {kind!r} (known: {', '.join(COMMAND_MODELS)})")
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        parser.error(f"{path}: not a JSON command ({exc})")
+    if not isinstance(data, dict):
+        parser.error(f"{path}: a command is a JSON object (got {type(data).__name__})")
+    data.setdefault("schema", f"edge-agent/{kind}")
+    data.setdefault("version", 1)
+    if kind != "heartbeat" and not data.get("command_id"):
+        data["command_id"] = f"mes-send-{uuid.uuid4().hex[:12]}"
+    command = parse_command(kind, json.dumps(data).encode())
+    if isinstance(command, CommandRejected):
+        parser.error(f"{path}: not a valid {kind} command: {command.reason}")
+    return command.model_dump_json(by_alias=True).encode(), getattr(command, "command_id", "")
+
+
+def publish_command(
+    host: str,
+    port: int,
+    topic_base: str,
+    kind: str,
+    payload: bytes,
+    *,
+    protocol: Protocol = "5",
+    client_id: str | None = None,
+    reply_to: str | None = None,
+    timeout: float = 10.0,
+) -> CommandReply | None:
+    """Publish one command with a short-lived clean session (it never takes over a running
+    simulator's persistent session) and, with ``reply_to`` (a command id), wait ``timeout`` s
+    for the agent's reply on ``{topic_base}/out/command-reply``.
+
+    ConnectionError when the broker cannot be reached or refuses; TimeoutError when the PUBACK
+    or the reply does not come.
+    """
+    replies: queue.Queue[CommandReply] = queue.Queue()
+    connected, subscribed = threading.Event(), threading.Event()
+    refused: list[str] = []
+    reply_topic = f"{topic_base}/out/command-reply"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"mes-send-{uuid.uuid4().hex[:12]}",
+        protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+    )
+
+    def on_connect(c: mqtt.Client, u: Any, f: Any, rc: ReasonCode, p: Any) -> None:
+        if rc.is_failure:
+            refused.append(str(rc))
+        else:
+            connected.set()
+        if reply_to is not None and not rc.is_failure:
+            c.subscribe(reply_topic, qos=1)
+
+    def on_message(c: mqtt.Client, u: Any, message: mqtt.MQTTMessage) -> None:
+        with contextlib.suppress(InputError):
+            reply = parse_message(bytes(message.payload))
+            if isinstance(reply, CommandReply) and reply.command_id == reply_to:
+                replies.put(reply)
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = on_message
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {host}:{port} ({exc})") from None
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        if not connected.wait(timeout):
+            why = f"refused: {refused[0]}" if refused else f"no CONNACK within {timeout} s"
+            raise ConnectionError(f"{host}:{port}: {why}")
+        if reply_to is not None and not subscribed.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{reply_topic}: not subscribed within {timeout} s")
+        topic = f"{topic_base}/in/{kind}"
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        if not info.is_published():
+            raise TimeoutError(f"{topic}: no PUBACK from the broker within {timeout} s")
+        if reply_to is None:
+            return None
+        try:
+            return replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"no reply to command {reply_to!r} on {reply_topic} within {timeout} s"
+            ) from None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        close_sockets(client)
+
+
+def send_main(argv: Sequence[str]) -> int:
+    """``python -m simulators.mes send``: publish one command file to the agent."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.mes send",
+        description="Publish one MES command (a JSON file) to the agent on "
+        "{topic-base}/in/{KIND}; schema, version and a command_id are added when the file has "
+        "none, and the command is checked against the contract before it is sent.",
+    )
+    parser.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
+    parser.add_argument(
+        "--topic-base", required=True, help="the agent's {root}/{site}/{area}/{line}/{agent}"
+    )
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="5", help="MQTT version")
+    parser.add_argument("--client-id", help="default: mes-send-<random> (a clean session)")
+    parser.add_argument(
+        "--wait-reply",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for the agent's command-reply and print it",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="publish the file's bytes as they are: nothing added, nothing checked",
+    )
+    parser.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(COMMAND_MODELS)}")
+    parser.add_argument("file", metavar="FILE.json", type=Path, help="the command")
+    args = parser.parse_args(argv)
+
+    try:
+        host, port = parse_broker(args.broker)
+    except ValueError as exc:
+        parser.error(f"--broker: {exc}")
+    try:
+        _check_topic(args.topic_base, wildcards=False)
+        _check_topic(args.kind, wildcards=False)
+    except ValueError as exc:
+        parser.error(f"--topic-base/KIND: {exc}")
+    if args.wait_reply is not None and args.wait_reply <= 0:
+        parser.error(f"--wait-reply: must be above 0 s (got {args.wait_reply})")
+    payload, command_id = _command_payload(parser, args.kind, args.file, args.raw)
+    wait = args.wait_reply is not None
+    if wait and not command_id:
+        parser.error(
+            "--wait-reply: "
+            + ("a heartbeat has no reply" if args.kind == "heartbeat" else "the command has no id")
+        )
+
+    console = Console()
+    try:
+        reply = publish_command(
+            host,
+            port,
+            args.topic_base,
+            args.kind,
+            payload,
+            protocol=args.protocol,
+            client_id=args.client_id,
+            reply_to=command_id if wait else None,
+            timeout=args.wait_reply if wait else 10.0,
+        )
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        print(f"python -m simulators.mes send: {exc}", file=sys.stderr)
+        return 1
+    topic = f"{args.topic_base}/in/{args.kind}"
+    console.print(f"sent {args.kind} {command_id or '(no command id)'} → {topic}")
+    if reply is None:
+        return 0
+    console.print(reply_table(reply))
+    return 0 if reply.result == "accepted" else 1
 
 
 if __name__ == "__main__":

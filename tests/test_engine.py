@@ -253,10 +253,14 @@ async def test_bad_quality_never_posts_and_raises_one_exception(
     messages = await outbox(store)
     assert consumed(messages) == expected("WO-7", "10", 12, 0)
     quality = [m for m in messages if m.schema_name.endswith("exception")]
-    assert [(m.code.value, m.details["status"]) for m in quality] == [
-        ("signal_quality", "BadSensorFailure"),
-        ("signal_quality", "UncertainLastUsableValue"),
+    assert [(m.code.value, m.details.get("status"), m.severity.value) for m in quality] == [
+        ("signal_quality", "BadSensorFailure", "warning"),
+        ("signal_quality", "UncertainLastUsableValue", "warning"),
+        ("signal_quality", None, "info"),  # resolved when the signal is good again
     ]
+    # each one closes the one before: the uncertain supersedes the bad, good resolves it
+    assert [m.resolves for m in quality] == [None, quality[0].message_id, quality[1].message_id]
+    assert engine.open_exceptions == {}
 
 
 @pytest.mark.asyncio

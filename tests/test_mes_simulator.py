@@ -6,6 +6,8 @@ QoS 1, the way the agent's uplink publishes them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import queue
 import signal
@@ -19,28 +21,44 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from rich.console import Console
 
+from edge_agent.commands import (
+    CommandRejected,
+    Heartbeat,
+    LotStagingCommand,
+    MasterDataCommand,
+    ReversalCommand,
+    WorkOrderCommand,
+    parse_command,
+)
 from edge_agent.config import parse_config
 from edge_agent.errors import InputError
 from edge_agent.messages import (
+    CommandReply,
     ExceptionCode,
     ExceptionMessage,
+    Genealogy,
+    GenealogyLink,
     LotMovement,
     MaterialConsumed,
+    OrderVariance,
     ProductionConfirmation,
+    Reversal,
     Severity,
     Trigger,
+    VarianceLine,
     encode,
     kind_of,
     message_id,
 )
 from edge_agent.uplink.mqtt import close_sockets
-from simulators.mes import Counts, Ledger, MesSimulator, main
+from simulators.mes import LEDGER_VERSION, Counts, Ledger, MesSimulator, main, report_tables
 from tests.support.broker import Broker, EmbeddedBroker, free_port, require_protocol
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "line.toml"
@@ -59,7 +77,14 @@ TRIGGER = Trigger(
 )
 
 AnyBroker = Broker | EmbeddedBroker
-Message = MaterialConsumed | ProductionConfirmation | ExceptionMessage
+Message = (
+    MaterialConsumed
+    | ProductionConfirmation
+    | ExceptionMessage
+    | CommandReply
+    | OrderVariance
+    | Genealogy
+)
 
 
 def _header(seq: int, kind: str) -> dict[str, Any]:
@@ -110,13 +135,19 @@ def confirmed(seq: int, good: str, scrap: str) -> ProductionConfirmation:
     )
 
 
-def exception(seq: int, code: ExceptionCode) -> ExceptionMessage:
+def exception(
+    seq: int,
+    code: ExceptionCode,
+    severity: Severity = Severity.WARNING,
+    resolves: str | None = None,
+) -> ExceptionMessage:
     return ExceptionMessage(
         **_header(seq, "exception"),
         code=code,
-        severity=Severity.WARNING,
+        severity=severity,
         text=f"{code.value} on {ORDER}",
         order=ORDER,
+        resolves=resolves,
     )
 
 
@@ -454,3 +485,470 @@ def test_run_until_interrupted_then_print_the_totals(broker: AnyBroker, tmp_path
     assert "Messages" in text
     assert "Consumption" in text
     assert "WATER" in text
+
+
+# ------------------------------------------------------------- the MES contract of issue 5
+
+
+def reversal_of(seq: int, original: MaterialConsumed) -> MaterialConsumed:
+    """The agent's compensating posting for ``original``: the same lots, negated."""
+    return consumed(
+        seq, original.material, str(-original.quantity), original.lots[0].lot
+    ).model_copy(
+        update={
+            "reverses": original.message_id,
+            "reversal": Reversal(command_id="rev-1", reason_code="wrong_lot", requested_by="qa"),
+        }
+    )
+
+
+def reply(
+    seq: int,
+    command_id: str | None,
+    result: Literal["accepted", "rejected"] = "accepted",
+    *,
+    command: str = "work-order",
+    reason: str | None = None,
+    duplicate: bool = False,
+    produced: tuple[str, ...] = (),
+) -> CommandReply:
+    return CommandReply(
+        **_header(seq, "command-reply"),
+        command_id=command_id,
+        command=command,
+        result=result,
+        reason=reason,
+        duplicate=duplicate,
+        produced=produced,
+    )
+
+
+def variance(seq: int, order: str = ORDER) -> OrderVariance:
+    line = VarianceLine(
+        operation="0010",
+        material="WATER",
+        uom="kg",
+        method="backflush",
+        planned=Decimal("10"),
+        theoretical=Decimal("10.2"),
+        issued=Decimal("10.35"),
+        substituted=Decimal(0),
+        held=Decimal(0),
+        residual=None,
+        actual=None,
+        variance=Decimal("0.35"),
+        variance_pct=Decimal("3.5"),
+        flagged=True,
+    )
+    return OrderVariance(
+        **_header(seq, "variance"),
+        order=order,
+        product="CREAM-50ML",
+        bom_revision="B",
+        finished_lot="FG-1",
+        planned_quantity=Decimal(1000),
+        uom="pc",
+        threshold_pct=Decimal(2),
+        lines=(line,),
+        command_id=f"close-{order}",
+    )
+
+
+def genealogy(seq: int, order: str = ORDER) -> Genealogy:
+    return Genealogy(
+        **_header(seq, "genealogy"),
+        order=order,
+        product="CREAM-50ML",
+        bom_revision="B",
+        finished_lot="FG-1",
+        good=Decimal(1000),
+        scrap=Decimal(2),
+        uom="pc",
+        components=(
+            GenealogyLink(material="WATER", lot="LOT-W1", quantity=Decimal("10.35"), uom="kg"),
+        ),
+        command_id=f"close-{order}",
+    )
+
+
+class Watcher:
+    """A plain paho subscriber (the agent's side of the commands): every delivery queued."""
+
+    def __init__(self, broker: AnyBroker, protocol: str, topic: str) -> None:
+        self.got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="agent-commands",
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+        )
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = lambda _c, _u, m: self.on_message(m.topic, bytes(m.payload))
+        self.client.connect(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        assert subscribed.wait(5), f"not subscribed to {topic}"
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        self.got.put((topic, payload))
+
+    def take(self, n: int, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+        return [self.got.get(timeout=timeout) for _ in range(n)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        close_sockets(self.client)
+
+
+@pytest.fixture
+def commands(broker: AnyBroker, protocol: str) -> Iterator[Watcher]:
+    """What reaches ``{BASE}/in/#``."""
+    w = Watcher(broker, protocol, f"{BASE}/in/#")
+    yield w
+    w.close()
+
+
+def test_a_reversal_nets_to_zero_and_a_plain_posting_does_not(
+    mes: MesSimulator, publisher: Publisher
+) -> None:
+    original = consumed(1, "WATER", "0.1", "LOT-W1")
+    plain = consumed(2, "GLYCERIN", "2.5", "LOT-G7")
+    compensating = reversal_of(3, original)
+    for message in (original, plain, compensating):
+        publisher.message(message)
+    mes.wait_for(3)
+
+    assert mes.net_of(original.message_id) == (Decimal(0), {("LOT-W1", "WATER"): Decimal(0)})
+    assert mes.net_of(plain.message_id) == (
+        Decimal("2.5"),
+        {("LOT-G7", "GLYCERIN"): Decimal("2.5")},
+    )
+    assert mes.ledger.reversals() == {original.message_id: [compensating.message_id]}
+    # the totals include the compensating posting
+    assert mes.consumption() == {
+        (ORDER, "WATER", "kg"): Decimal(0),
+        (ORDER, "GLYCERIN", "kg"): Decimal("2.5"),
+    }
+    with pytest.raises(KeyError, match="no material-consumed message"):
+        mes.net_of("not-a-posting")
+
+
+def test_replies_are_recorded_parsed_and_waited_for(
+    mes: MesSimulator, publisher: Publisher
+) -> None:
+    sent = [
+        reply(1, "cmd-1", produced=("msg-a", "msg-b")),
+        reply(2, "cmd-2", "rejected", reason="order: unknown order ORD-9"),
+        reply(3, "cmd-1", duplicate=True, produced=("msg-a", "msg-b")),
+        reply(4, None, "rejected", command="lot-staging", reason="payload: malformed JSON"),
+    ]
+    for message in sent:
+        publisher.message(message)
+
+    assert mes.wait_reply("cmd-2", timeout=5) == sent[1]
+    first, again = mes.wait_replies("cmd-1", 2, timeout=5)
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert first.produced == ("msg-a", "msg-b")
+    mes.wait_for(4)
+    assert mes.replies() == sent  # parsed models, in arrival order
+    assert mes.ledger.reply_counts() == {"accepted": 2, "rejected": 2, "duplicates": 1}
+    with pytest.raises(TimeoutError, match=r"command 'cmd-404'.*cmd-1 work-order accepted"):
+        mes.wait_reply("cmd-404", timeout=0.1)
+
+
+def test_open_exceptions_drop_a_resolved_one(mes: MesSimulator, publisher: Publisher) -> None:
+    held = exception(1, ExceptionCode.LOT_HELD)
+    quality = exception(2, ExceptionCode.SIGNAL_QUALITY)
+    resolved = exception(3, ExceptionCode.LOT_HELD, Severity.INFO, resolves=held.message_id)
+    recovered = exception(4, ExceptionCode.SOURCE_RECOVERED, Severity.INFO)  # one-shot
+    for message in (held, quality, resolved, recovered):
+        publisher.message(message)
+    mes.wait_for(4)
+
+    assert mes.open_exceptions() == [quality]
+    assert mes.exceptions() == {"lot_held": 2, "signal_quality": 1, "source_recovered": 1}
+
+
+def test_variances_and_genealogy_are_kept_by_order_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ledger = Ledger(tmp_path / "mes.db")
+    original = consumed(1, "WATER", "0.1", "LOT-W1")
+    messages: list[Message] = [
+        original,
+        reversal_of(2, original),
+        variance(3),
+        variance(4, "ORD-1002"),
+        genealogy(5),
+        reply(6, "cmd-1"),
+        reply(7, "cmd-1", duplicate=True),
+        reply(8, "cmd-2", "rejected", reason="no"),
+        exception(9, ExceptionCode.UNKNOWN_ORDER),
+    ]
+    for message in messages:
+        assert ledger.record(topic_of(message), encode(message)).outcome == "new"
+    ledger.close()
+
+    assert ledger.variances(ORDER) == [messages[2]]
+    assert ledger.variances() == messages[2:4]
+    assert ledger.genealogy(ORDER) == [messages[4]]
+    assert ledger.genealogy("ORD-1002") == []
+
+    assert main(["--report", "--ledger", str(tmp_path / "mes.db")]) == 0
+    out = capsys.readouterr().out
+    for title in ("Commands", "Variances"):
+        assert title in out
+    console = Console(file=io.StringIO(), width=250)
+    for table in report_tables(ledger):
+        console.print(table)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    rows = {" ".join(line.replace("│", " ").split()) for line in text.splitlines()}
+    assert "replies accepted 2" in rows
+    assert "replies rejected 1" in rows
+    assert "of which duplicates 1" in rows
+    assert "reversals 1" in rows
+    assert "open exceptions 1" in rows
+    assert f"{ORDER} 0010 WATER kg 10 10.2 10.35 0 0 - - 0.35 3.5 yes" in rows
+    assert "ORD-1002 0010 WATER kg 10 10.2 10.35 0 0 - - 0.35 3.5 yes" in rows
+
+
+def test_a_version_1_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE messages (message_id TEXT PRIMARY KEY)")
+        db.execute("PRAGMA user_version = 1")
+    with pytest.raises(
+        InputError, match=f"ledger version 1, this simulator reads {LEDGER_VERSION}"
+    ):
+        Ledger(path)
+    with pytest.raises(InputError, match="user_version 1"):
+        Ledger.existing(path)
+
+
+def _parsed(payload: bytes, topic: str) -> Any:
+    command = parse_command(topic.rsplit("/", 1)[-1], payload)
+    assert not isinstance(command, CommandRejected), command.reason
+    return command
+
+
+def test_every_command_helper_sends_a_command_the_contract_accepts(
+    mes: MesSimulator, commands: Watcher
+) -> None:
+    sent = {
+        "master": mes.master_data({"materials": [{"material": "WATER", "uom": "kg"}]}),
+        "release": mes.release_order(
+            ORDER, "CREAM-50ML", 1000, revision="B", finished_lot="FG-1", work_centre="filler-1"
+        ),
+        "start": mes.start_order(ORDER),
+        "hold": mes.hold_order(ORDER, reason="QA check"),
+        "close": mes.close_order(ORDER, remnants={"LOT-W1": Decimal("1.5")}),
+        "stage": mes.stage_lot(
+            "LOT-W1", "WATER", "25", expiry=T0, order=ORDER, work_centre="filler-1"
+        ),
+        "return": mes.return_lot("LOT-W1", "1.5"),
+        "quarantine": mes.quarantine_lot("LOT-W1"),
+        "release_lot": mes.release_lot("LOT-W1"),
+        "rebin": mes.rebin_lot("LOT-W1", order="ORD-1002"),
+        "reverse": mes.reverse("msg-1", "wrong_lot", "j.doe"),
+        "heartbeat": mes.heartbeat(T0),
+    }
+    assert sent["heartbeat"] == ""
+    ids = [command_id for command_id in sent.values() if command_id]
+    assert len(set(ids)) == len(ids) == 11
+    assert all(command_id.startswith(f"{mes.client_id}-") for command_id in ids)
+    assert mes.commands_sent == 12
+
+    received = {}
+    for topic, payload in commands.take(12):
+        command = _parsed(payload, topic)
+        received[getattr(command, "command_id", None) or ""] = (
+            topic.rsplit("/", 1)[-1],
+            command,
+        )
+    got = {name: received[command_id] for name, command_id in sent.items()}
+
+    kinds = {name: kind for name, (kind, _) in got.items()}
+    assert kinds == {
+        "master": "master-data",
+        **dict.fromkeys(("release", "start", "hold", "close"), "work-order"),
+        **dict.fromkeys(("stage", "return", "quarantine", "release_lot", "rebin"), "lot-staging"),
+        "reverse": "reversal",
+        "heartbeat": "heartbeat",
+    }
+    master = got["master"][1]
+    assert isinstance(master, MasterDataCommand)
+    assert master.master_data == {"materials": [{"material": "WATER", "uom": "kg"}]}
+    release = got["release"][1]
+    assert isinstance(release, WorkOrderCommand)
+    assert (release.action, release.product, release.quantity, release.revision) == (
+        "release",
+        "CREAM-50ML",
+        Decimal(1000),
+        "B",
+    )
+    assert (release.finished_lot, release.work_centre) == ("FG-1", "filler-1")
+    assert [c.action for _, c in (got["start"], got["hold"])] == ["start", "hold"]  # type: ignore[attr-defined]
+    assert got["hold"][1].reason == "QA check"
+    close = got["close"][1]
+    assert isinstance(close, WorkOrderCommand)
+    assert [(r.lot, r.quantity) for r in close.remnants] == [("LOT-W1", Decimal("1.5"))]
+    stage = got["stage"][1]
+    assert isinstance(stage, LotStagingCommand)
+    assert (stage.action, stage.material, stage.quantity, stage.expiry, stage.order) == (
+        "staged",
+        "WATER",
+        Decimal(25),
+        T0,
+        ORDER,
+    )
+    assert (got["return"][1].action, got["return"][1].quantity) == ("returned", Decimal("1.5"))
+    assert got["quarantine"][1].action == "quarantined"
+    assert got["release_lot"][1].action == "released"
+    rebin = got["rebin"][1]
+    assert (rebin.action, rebin.order, rebin.work_centre) == ("rebinned", "ORD-1002", None)
+    reverse = got["reverse"][1]
+    assert isinstance(reverse, ReversalCommand)
+    assert (reverse.message_id, reverse.reason_code, reverse.requested_by) == (
+        "msg-1",
+        "wrong_lot",
+        "j.doe",
+    )
+    heartbeat = got["heartbeat"][1]
+    assert isinstance(heartbeat, Heartbeat)
+    assert heartbeat.mes_time == T0
+
+
+def test_a_command_id_can_be_sent_again(mes: MesSimulator, commands: Watcher) -> None:
+    assert mes.start_order(ORDER, command_id="cmd-7") == "cmd-7"
+    assert mes.start_order(ORDER, command_id="cmd-7") == "cmd-7"
+    (_, first), (_, again) = commands.take(2)
+    assert first == again
+    assert json.loads(first)["command_id"] == "cmd-7"
+
+
+def test_send_raw_publishes_the_bytes_as_they_are(mes: MesSimulator, commands: Watcher) -> None:
+    mes.send_raw("work-order", b"not JSON {")
+    mes.send_raw("recipe", b"{}")
+    got = commands.take(2)
+    assert got == [(f"{BASE}/in/work-order", b"not JSON {"), (f"{BASE}/in/recipe", b"{}")]
+    reasons = [parse_command(topic.rsplit("/", 1)[-1], payload) for topic, payload in got]
+    assert [type(r) for r in reasons] == [CommandRejected, CommandRejected]
+    assert "malformed JSON" in reasons[0].reason  # type: ignore[union-attr]
+    assert "unknown command kind 'recipe'" in reasons[1].reason  # type: ignore[union-attr]
+
+
+def test_send_needs_a_started_simulator_with_a_topic_base(tmp_path: Path) -> None:
+    mes = MesSimulator(tmp_path / "mes.db", port=free_port(), topic_base=BASE)
+    with pytest.raises(RuntimeError, match="not started"):
+        mes.heartbeat()
+    with pytest.raises(TypeError, match="not a command model"):
+        mes.send(CommandRejected(kind="x", command_id=None, reason="no"))
+    mes.close()
+    listener = MesSimulator(tmp_path / "other.db", topic_filter=f"{BASE}/out/#")
+    with pytest.raises(RuntimeError, match="no topic_base"):
+        listener.start_order(ORDER)
+    listener.close()
+
+
+# ------------------------------------------------------------------------------- CLI send
+
+
+def _send_argv(broker: str, *args: str) -> list[str]:
+    return ["send", "--broker", broker, "--topic-base", BASE, *args]
+
+
+@pytest.mark.parametrize(
+    ("kind", "content", "complaint"),
+    [
+        ("work-order", None, "cannot read the command file"),
+        ("work-order", "not JSON {", "not a JSON command"),
+        ("work-order", "[1, 2]", "a command is a JSON object (got list)"),
+        ("work-order", '{"action": "release", "order": "ORD-1"}', "product: required"),
+        ("lot-staging", '{"action": "staged", "lot": "L", "quantity": 0.5}', "never JSON numbers"),
+        ("heartbeat", '{"mes_time": "yesterday"}', "not a valid heartbeat command"),
+    ],
+)
+def test_cli_send_with_a_bad_file_exits_2_naming_the_file_and_the_problem(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    content: str | None,
+    complaint: str,
+) -> None:
+    path = tmp_path / "command.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_send_argv(f"127.0.0.1:{free_port()}", kind, str(path)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert complaint in err
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["recipe"], "unknown command kind 'recipe'"),
+        (["--wait-reply", "5", "heartbeat"], "a heartbeat has no reply"),
+        (["--wait-reply", "0", "work-order"], "must be above 0 s"),
+    ],
+)
+def test_cli_send_bad_arguments_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], complaint: str
+) -> None:
+    path = tmp_path / "command.json"
+    path.write_text(json.dumps({"mes_time": "2026-11-23T07:00:00.000Z"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(_send_argv(f"127.0.0.1:{free_port()}", *args, str(path)))
+    assert exit_info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_cli_send_without_a_broker_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "hb.json"
+    path.write_text(json.dumps({"mes_time": "2026-11-23T07:00:00.000Z"}))
+    assert main(_send_argv(f"127.0.0.1:{free_port()}", "heartbeat", str(path))) == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("result", "code"), [("accepted", 0), ("rejected", 1)])
+def test_cli_send_adds_a_command_id_and_prints_the_reply(
+    broker: AnyBroker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    result: Literal["accepted", "rejected"],
+    code: int,
+) -> None:
+    protocol = broker.protocols[0]
+    agent = Watcher(broker, protocol, f"{BASE}/in/#")
+
+    def answer(topic: str, payload: bytes) -> None:  # the agent: every command answered
+        agent.got.put((topic, payload))
+        command = _parsed(payload, topic)
+        answer = reply(1, command.command_id, result, reason="no" if result == "rejected" else None)
+        agent.client.publish(f"{BASE}/out/command-reply", encode(answer), qos=1)
+
+    agent.on_message = answer  # type: ignore[method-assign]
+    path = tmp_path / "release.json"
+    path.write_text(
+        json.dumps({"action": "release", "order": ORDER, "product": "P", "quantity": "1000"})
+    )
+    try:
+        argv = _send_argv(
+            f"{broker.host}:{broker.port}", "--protocol", protocol, "--wait-reply", "5"
+        )
+        assert main([*argv, "work-order", str(path)]) == code
+        ((topic, payload),) = agent.take(1)
+    finally:
+        agent.close()
+    assert topic == f"{BASE}/in/work-order"
+    command = json.loads(payload)
+    assert command["schema"] == "edge-agent/work-order"
+    assert command["command_id"].startswith("mes-send-")
+    out = capsys.readouterr().out
+    assert command["command_id"] in out
+    assert result in out

@@ -15,7 +15,10 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from edge_agent.cli import main
-from edge_agent.messages import Kind, schema_files
+from edge_agent.commands import COMMAND_MODELS
+from edge_agent.engine import CommandEvent
+from edge_agent.messages import Kind
+from edge_agent.schemas import schema_files
 from edge_agent.store import Store
 from tests.test_engine_feeds import (
     commit,
@@ -39,7 +42,7 @@ def test_the_schema_files_in_the_repository_are_the_models_schemas() -> None:
         )
     assert {json.loads(t)["$id"] for t in expected.values()} == {
         f"edge-agent/{kind.value}/v1" for kind in Kind
-    }
+    } | {"edge-agent/status/v1"} | {f"edge-agent/command.{kind}/v1" for kind in COMMAND_MODELS}
 
 
 def test_the_cli_writes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +71,10 @@ async def test_real_messages_are_valid_and_broken_ones_are_not(tmp_path: Path) -
             engine.apply(e)
         engine.apply(event("feed_lot", "NOT-STAGED", datetime(2026, 11, 22, 8, 3, tzinfo=UTC)))
         engine.apply(event("good", "not a number", datetime(2026, 11, 22, 8, 4, tzinfo=UTC)))
+        at = datetime(2026, 11, 22, 8, 5, tzinfo=UTC)
+        close = {"action": "close", "order": "WO-7", "command_id": "close-1"}
+        engine.apply(CommandEvent("work-order", command("work-order", **close), at))
+        engine.apply(CommandEvent("work-order", b"{}", at))  # rejected
         await commit(engine, store)
         rows = await store.outbox_batch(1000)
         kinds = {r.topic.rsplit("/", 1)[1] for r in rows}
@@ -82,3 +89,45 @@ async def test_real_messages_are_valid_and_broken_ones_are_not(tmp_path: Path) -
     assert not validator.is_valid({**consumed, "quantity": 2.6})
     assert not validator.is_valid({**consumed, "unexpected": "field"})
     assert not validator.is_valid({k: v for k, v in consumed.items() if k != "message_id"})
+
+
+def command(kind: str, **fields: object) -> bytes:
+    return json.dumps({"schema": f"edge-agent/{kind}", "version": 1, **fields}).encode()
+
+
+EXAMPLES = {
+    "master-data": {"command_id": "m1", "master_data": {"materials": [], "boms": []}},
+    "work-order": {
+        "command_id": "w1",
+        "action": "release",
+        "order": "WO-9",
+        "product": "FG-100",
+        "quantity": "40",
+        "finished_lot": "FG-1",
+        "issued_at": "2026-11-23T07:00:00.000Z",
+    },
+    "lot-staging": {
+        "command_id": "l1",
+        "action": "staged",
+        "lot": "L-1",
+        "material": "RM-BASE",
+        "quantity": "12.5",
+        "expiry": "2027-01-31T00:00:00.000Z",
+    },
+    "reversal": {"command_id": "r1", "message_id": "x", "reason_code": "R", "requested_by": "u"},
+    "heartbeat": {"mes_time": "2026-11-23T07:00:00.000Z"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COMMAND_MODELS))
+def test_command_schemas_accept_what_the_agent_accepts(kind: str) -> None:
+    validator = Draft202012Validator(
+        json.loads((SCHEMA_DIR / f"command.{kind}.v1.schema.json").read_text())
+    )
+    Draft202012Validator.check_schema(validator.schema)
+    good = json.loads(command(kind, **EXAMPLES[kind]))
+    assert list(validator.iter_errors(good)) == []
+    assert not validator.is_valid({**good, "version": "one"})
+    assert not validator.is_valid({**good, "unexpected": "field"})
+    if "quantity" in good:
+        assert not validator.is_valid({**good, "quantity": 12.5})  # a number, not a string

@@ -25,7 +25,7 @@ from edge_agent.store import GENESIS, SCHEMA_VERSION, Store, UnitOfWork
 
 TOPIC = "acme/hamburg/creams/line-1/line1-edge/out/material-consumed"
 AT = "2026-11-22T08:00:00.000Z"
-TABLES = {"meta", "state", "masterdata", "outbox", "audit"}
+TABLES = {"meta", "state", "masterdata", "outbox", "audit", "journal"}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -722,3 +722,19 @@ async def test_masterdata_round_trips_json_per_kind_and_key(store: Store) -> Non
     }
     assert await store.get_masterdata("material", "CREAM-50") == {"uom": "kg", "precision": 3}
     assert sql(store.path, "SELECT count(*) FROM masterdata") == [(2,)]
+
+
+@pytest.mark.asyncio
+async def test_a_schema_1_store_gains_the_postings_journal(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    async with Store.open(path) as s, s.transaction() as tx:
+        tx.put_state("engine", {"sequence": 7})
+    sql(path, "DROP TABLE journal")
+    sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    async with Store.open(path) as s:
+        assert await s.get_state("engine") == {"sequence": 7}
+        async with s.transaction() as tx:
+            tx.journal("m-1", "WO-7", b'{"x": 1}', "2026-11-23T07:00:00.000Z")
+        assert await s.journal_entry("m-1") == b'{"x": 1}'
+        assert await s.journal_entry("m-2") is None
+    assert dict(sql(path, "SELECT key, value FROM meta"))["schema_version"] == str(SCHEMA_VERSION)

@@ -12,7 +12,7 @@ import json
 import queue
 import socket
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +296,9 @@ async def test_mes_commands_reach_the_handler_by_kind(broker: Broker, store: Sto
     received: list[tuple[str, bytes]] = []
     got = asyncio.Event()
 
-    def on_command(kind: str, payload: bytes) -> None:
+    def on_command(kind: str, payload: bytes, ack: Callable[[], None]) -> None:
         received.append((kind, payload))
+        ack()
         got.set()
 
     mes = Subscriber(broker, f"{BASE}/status")

@@ -451,7 +451,16 @@ def record_slice(state: BindingState, feed_slice: FeedSlice) -> BindingState:
         for p in feed_slice.parts
         if p.lot and p.drawn > 0
     ]
-    return replace(state, fills=(*state.fills, *fills), held=state.held + feed_slice.held)
+    held_lots = dict(state.held_lots)
+    for p in feed_slice.parts:
+        if p.lot and p.held is not None and p.held.quantity > 0:
+            held_lots[p.lot] = held_lots.get(p.lot, ZERO) + p.held.quantity
+    return replace(
+        state,
+        fills=(*state.fills, *fills),
+        held=state.held + feed_slice.held,
+        held_lots=MappingProxyType(held_lots),
+    )
 
 
 # --------------------------------------------------------------------------- when to slice

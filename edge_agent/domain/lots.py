@@ -66,6 +66,15 @@ class Lot:
     staged_at: datetime
     expiry: datetime | None = None
     status: LotStatus = LotStatus.RELEASED
+    #: staged for one order / one work centre only (None: any)
+    order: str | None = None
+    work_centre: str | None = None
+
+    def serves(self, order: str | None, work_centre: str | None) -> bool:
+        """Whether the lot is staged where ``order`` runs on ``work_centre``."""
+        return (self.order is None or self.order == order) and (
+            self.work_centre is None or self.work_centre == work_centre
+        )
 
     def is_expired(self, now: datetime) -> bool:
         return self.expiry is not None and now >= self.expiry
@@ -82,6 +91,8 @@ class Lot:
             "staged_at": self.staged_at.isoformat(),
             "expiry": self.expiry.isoformat() if self.expiry else None,
             "status": self.status.value,
+            "order": self.order,
+            "work_centre": self.work_centre,
         }
 
     @classmethod
@@ -93,6 +104,8 @@ class Lot:
             parse_timestamp(data["staged_at"]),
             parse_timestamp(data["expiry"]) if data.get("expiry") else None,
             LotStatus(data["status"]),
+            data.get("order"),
+            data.get("work_centre"),
         )
 
 
@@ -135,6 +148,14 @@ class BindingState:
     held: Decimal = ZERO
     substituted: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
     alternate_issued: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
+    #: the part of ``held`` that may only come from one lot (a continuous feed's material
+    #: that passed the meter from that lot while it was not eligible)
+    held_lots: Mapping[str, Decimal] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def held_any_lot(self) -> Decimal:
+        """Held quantity that any eligible lot may cover (FEFO)."""
+        return self.held - sum(self.held_lots.values(), ZERO)
 
     @property
     def drawn(self) -> Decimal:
@@ -158,6 +179,7 @@ class BindingState:
             "held": str(self.held),
             "substituted": {k: str(v) for k, v in self.substituted.items()},
             "alternate_issued": {k: str(v) for k, v in self.alternate_issued.items()},
+            "held_lots": {k: str(v) for k, v in self.held_lots.items()},
         }
 
     @classmethod
@@ -181,6 +203,7 @@ class BindingState:
             MappingProxyType(
                 {k: parse_decimal(v) for k, v in data.get("alternate_issued", {}).items()}
             ),
+            MappingProxyType({k: parse_decimal(v) for k, v in data.get("held_lots", {}).items()}),
         )
 
 
@@ -232,10 +255,39 @@ def retry_held(
     now: datetime,
     alternates: Sequence[Alternate] = (),
 ) -> Binding:
-    """Try again to bind what is held, e.g. after a lot was staged or released."""
+    """Try again to bind what is held, e.g. after a lot was staged or released.
+
+    What is held for one lot (``held_lots``) is drawn from that lot only, once it is eligible;
+    the rest first-expiry-first like any posting. ``held_cancelled`` of the result is unused;
+    what was bound is ``state.held - result.state.held``.
+    """
     if state.held <= 0:
         return Binding(state, tuple(lots), ())
-    return _allocate(master, lots, replace(state, held=ZERO), material, state.held, now, alternates)
+    by_id = {lot.lot: lot for lot in lots}
+    fills = list(state.fills)
+    movements: list[LotDraw] = []
+    held_lots = dict(state.held_lots)
+    for lot_id, quantity in list(held_lots.items()):
+        lot = by_id.get(lot_id)
+        if lot is None or not lot.is_eligible(now):
+            continue
+        draws = _draw(by_id, [lot], min(quantity, lot.quantity), False)
+        taken = sum((d.quantity for d in draws), ZERO)
+        fills.append(Fill(lot.material, taken, tuple(draws)))
+        movements += draws
+        if quantity - taken > 0:
+            held_lots[lot_id] = quantity - taken
+        else:
+            del held_lots[lot_id]
+    lot_bound = sum(held_lots.values(), ZERO)
+    any_lot = state.held_any_lot
+    interim = replace(
+        state, fills=tuple(fills), held=lot_bound, held_lots=MappingProxyType(held_lots)
+    )
+    if any_lot <= 0:
+        return Binding(interim, tuple(by_id.values()), tuple(movements))
+    rest = _allocate(master, tuple(by_id.values()), interim, material, any_lot, now, alternates)
+    return replace(rest, draws=(*movements, *rest.draws), held=None)
 
 
 def _alternate_factor(master: MasterData, primary: str, alternate: Alternate) -> Fraction:
@@ -322,11 +374,12 @@ def _allocate(
     if remaining > 0:
         reason, detail = _hold_reason(master, lots.values(), material, alternates, now, deviation)
         held = Held(remaining, reason, detail)
-    new_state = BindingState(
-        tuple(fills),
-        state.held + remaining,
-        MappingProxyType(substituted),
-        MappingProxyType(alt_issued),
+    new_state = replace(
+        state,
+        fills=tuple(fills),
+        held=state.held + remaining,
+        substituted=MappingProxyType(substituted),
+        alternate_issued=MappingProxyType(alt_issued),
     )
     return Binding(new_state, tuple(lots.values()), tuple(movements), held)
 
@@ -406,10 +459,79 @@ def _reverse(
         movements += _return(lots, fills, i, fill.material, give_back)
         i -= 1
     kept = tuple(f for f in fills if f.covers > 0 or any(d.quantity > 0 for d in f.draws))
-    new_state = BindingState(
-        kept, state.held - cancelled, MappingProxyType(substituted), MappingProxyType(alt_issued)
+    new_state = replace(
+        _cancel_held(state, cancelled),
+        fills=kept,
+        substituted=MappingProxyType(substituted),
+        alternate_issued=MappingProxyType(alt_issued),
     )
     return Binding(new_state, tuple(lots.values()), _merged(movements), held_cancelled=cancelled)
+
+
+def _cancel_held(state: BindingState, amount: Decimal) -> BindingState:
+    """``state`` with ``amount`` less held: from what any lot may cover first, then from the
+    most recently held lot-bound quantities."""
+    held_lots = dict(state.held_lots)
+    rest = amount - min(amount, state.held_any_lot)
+    for lot_id in reversed(list(held_lots)):
+        if rest <= 0:
+            break
+        take = min(rest, held_lots[lot_id])
+        held_lots[lot_id] -= take
+        rest -= take
+        if held_lots[lot_id] <= 0:
+            del held_lots[lot_id]
+    return replace(state, held=state.held - amount, held_lots=MappingProxyType(held_lots))
+
+
+def reverse_posting(
+    lots_in: Sequence[Lot], state: BindingState, draws: Sequence[LotDraw], held: Decimal
+) -> Binding:
+    """Undo one earlier posting exactly: its ``draws`` go back to the lots they came from and
+    its ``held`` quantity is no longer held (a reversal by the MES; the rounding carry and the
+    alternates' records are not touched, so a posting that drew an alternate is refused).
+    """
+    if any(d.substitution for d in draws):
+        raise ConsumptionError(
+            "the posting drew an alternate material: reverse it in the MES by hand (the agent "
+            "reverses postings of the primary material only)"
+        )
+    if held > state.held:
+        raise ConsumptionError(
+            f"the posting held {held}, more than is still held ({state.held}): it was bound "
+            "to a lot since; reverse that binding first"
+        )
+    lots = {lot.lot: lot for lot in lots_in}
+    fills = list(state.fills)
+    for d in draws:
+        rest = d.quantity
+        for i in range(len(fills) - 1, -1, -1):
+            if rest <= 0:
+                break
+            fill = fills[i]
+            new_draws = list(fill.draws)
+            taken = ZERO
+            for n in range(len(new_draws) - 1, -1, -1):
+                x = new_draws[n]
+                if rest <= 0 or x.lot != d.lot or x.quantity <= 0:
+                    continue
+                back = min(rest, x.quantity)
+                new_draws[n] = replace(x, quantity=x.quantity - back)
+                rest -= back
+                taken += back
+            if taken:
+                fills[i] = replace(fill, covers=fill.covers - taken, draws=tuple(new_draws))
+        if rest > 0:
+            raise ConsumptionError(
+                f"lot {d.lot} holds only {d.quantity - rest} of the {d.quantity} this posting "
+                "drew (part was returned since): nothing reversed"
+            )
+        if d.lot in lots:
+            lots[d.lot] = replace(lots[d.lot], quantity=lots[d.lot].quantity + d.quantity)
+    kept = tuple(f for f in fills if f.covers > 0 or any(x.quantity > 0 for x in f.draws))
+    new_state = replace(_cancel_held(state, held), fills=kept)
+    returns = tuple(replace(d, quantity=-d.quantity) for d in draws)
+    return Binding(new_state, tuple(lots.values()), returns, held_cancelled=held)
 
 
 def _merged(movements: Sequence[LotDraw]) -> tuple[LotDraw, ...]:

@@ -331,6 +331,50 @@ def load_master_data(data: Mapping[str, Any] | str | bytes) -> MasterData:
     return _build(parse_document(MasterDataDoc, data, MasterDataError))
 
 
+def merge_master_doc(current: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``current`` (both master-data JSON documents): materials by id,
+    BOMs by (product, revision). What is new is added and what is the same is kept; a BOM
+    revision already known with other content (a released revision never changes: publish a
+    new one) or a material whose unit changes (lots and postings are in it) is an error, and
+    so is anything but ``materials`` and ``boms`` at the top.
+    """
+    problems: list[str] = []
+    if not isinstance(update, Mapping):
+        raise MasterDataError(["master_data: must be an object with materials and boms"])
+    for key in update:
+        if key not in ("materials", "boms"):
+            problems.append(f"master_data.{key}: unknown field (materials, boms)")
+    materials = {m.get("id"): m for m in current.get("materials", [])}
+    boms = {(b.get("product"), b.get("revision")): b for b in current.get("boms", [])}
+    for i, m in enumerate(update.get("materials", []) or []):
+        if not isinstance(m, Mapping):
+            problems.append(f"master_data.materials[{i}]: must be an object")
+            continue
+        known = materials.get(m.get("id"))
+        if known is not None and known.get("uom") != m.get("uom"):
+            problems.append(
+                f"master_data.materials[{i}] ({m.get('id')}).uom: {m.get('uom')!r} differs from "
+                f"the known unit {known.get('uom')!r}: a material's issue unit never changes"
+            )
+        materials[m.get("id")] = dict(m)
+    for i, b in enumerate(update.get("boms", []) or []):
+        if not isinstance(b, Mapping):
+            problems.append(f"master_data.boms[{i}]: must be an object")
+            continue
+        ref = (b.get("product"), b.get("revision"))
+        known_bom = boms.get(ref)
+        if known_bom is not None and known_bom != b:
+            problems.append(
+                f"master_data.boms[{i}] ({ref[0]} rev {ref[1]}): revision {ref[1]} of "
+                f"{ref[0]} is already known with other content: a released revision never "
+                "changes, publish a new revision"
+            )
+        boms[ref] = dict(b)
+    if problems:
+        raise MasterDataError(problems)
+    return {"materials": list(materials.values()), "boms": list(boms.values())}
+
+
 def describe_errors(exc: ValidationError, data: object) -> list[str]:
     """Pydantic errors as one message each, naming the document, the line and the field."""
     raw = _raw_for_paths(data)

@@ -29,6 +29,10 @@ class WorkOrder:
     product: str
     quantity: Decimal  # planned, in the BOM's unit
     revision: str | None = None
+    #: the lot the order produces (genealogy), when the MES released one
+    finished_lot: str | None = None
+    #: the work centre the MES released the order for (None: where the PLC shows it)
+    work_centre: str | None = None
 
 
 class OrderDoc(BaseModel):

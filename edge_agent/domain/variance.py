@@ -62,8 +62,14 @@ def close_variance(
     threshold_pct: Decimal,
     bindings: Mapping[ComponentKey, BindingState] | None = None,
     returned: Mapping[str, Decimal] | None = None,
+    residual: Mapping[str, Decimal] | None = None,
 ) -> tuple[ComponentVariance, ...]:
-    """Variance of every auto-posted component of an order at close."""
+    """Variance of every auto-posted component of an order at close.
+
+    ``returned``: remnants returned of what was issued (actual = issued − returned);
+    ``residual``: material gone from lots without a posting, per material (the agent's lot
+    balance less the remnant counted at close: actual = issued + residual).
+    """
     out = []
     for component in bom.components:
         if component.method is PostingMethod.MANUAL:
@@ -90,6 +96,9 @@ def close_variance(
                     )
             substituted = sum((s.covers for s in substitutions), ZERO)
         back = (returned or {}).get(component.material)
+        gone = (residual or {}).get(component.material)
+        if gone is not None:
+            back = -gone if back is None else back - gone
         actual = issued + substituted - back if back is not None else None
         used = actual if actual is not None else issued + substituted
         variance = Fraction(used) - theo

@@ -7,11 +7,15 @@
 - At most ``inflight_window`` QoS 1 publishes are outstanding. After a reconnect, everything not
   yet acknowledged is sent again from the outbox: at least once, each message with its
   deterministic id, so the MES deduplicates.
-- A retained status topic carries the birth (online) and, as the last will, offline.
-- MES commands: the uplink subscribes to ``{topic_base}/in/#`` and hands each command (its kind,
-  the last topic level, and payload) to ``on_command``, on the event loop. The command contract
-  (orders, BOMs, lot staging, close, reversal, and their replies) is issue 5; until then a command
-  is logged as not supported and changes nothing.
+- A retained status topic carries the birth (online), a fresh status every
+  ``status_interval_s`` (outbox depth, oldest unacknowledged age, sources, open exceptions, from
+  ``status``) and, as the last will, offline.
+- MES commands: the session is **persistent** (MQTT 5: clean_start false and a session expiry
+  interval; 3.1.1: clean_session false), subscribed at QoS 1 to ``{topic_base}/in/#``, so the
+  broker queues the commands published while the agent is away and delivers them when it is
+  back. Each command (its kind, the last topic level, and payload) goes to ``on_command`` on the
+  event loop with an ``ack`` to call once the command is committed: the PUBACK is sent only then
+  (paho's manual acknowledgement), so a command is never lost between the broker and the store.
 - ``delivery = "mes-ack"``: a broker PUBACK is not delivery (shared/DESIGN.md §6): a broker that
   restarts without the MES's session drops what it accepted. In this mode a row leaves the outbox
   only when the MES acknowledges its id on ``{topic_base}/in/mes-ack``
@@ -28,24 +32,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
 from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
+from edge_agent.messages import StatusMessage
 
 log = structlog.get_logger(__name__)
-
-STATUS_SCHEMA = "edge-agent/status"
-STATUS_VERSION = 1
 
 
 class UplinkError(EdgeAgentError):
@@ -82,10 +86,6 @@ class Refusal:
     code: int
 
 
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class MqttUplink:
     """Publishes the outbox and keeps the retained status; one per agent."""
 
@@ -94,10 +94,12 @@ class MqttUplink:
         config: Config,
         outbox: Outbox,
         retry_refused_s: float = 30.0,
-        on_command: Callable[[str, bytes], None] | None = None,
+        on_command: Callable[[str, bytes, Callable[[], None]], None] | None = None,
+        status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._config = config
         self._on_command = on_command or _unsupported_command
+        self._status_figures = status
         self._outbox = outbox
         self._retry_refused_s = retry_refused_s
         self.status_topic = f"{config.topic_base}/status"
@@ -118,16 +120,21 @@ class MqttUplink:
         self.reconnects = 0
         self.connect_failures = 0  # attempts since the last successful connect
         self._v5 = config.mqtt.protocol == "5"
+        self._status_wake = asyncio.Event()
         if self._v5:
             self._client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5
+                CallbackAPIVersion.VERSION2,
+                client_id=config.client_id,
+                protocol=mqtt.MQTTv5,
+                manual_ack=True,
             )
         else:
             self._client = mqtt.Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=config.client_id,
                 protocol=mqtt.MQTTv311,
-                clean_session=True,
+                clean_session=False,
+                manual_ack=True,
             )
         self._client.max_inflight_messages_set(config.mqtt.inflight_window)
         self._client.max_queued_messages_set(0)
@@ -149,7 +156,11 @@ class MqttUplink:
         self._loop = asyncio.get_running_loop()
         m = self._config.mqtt
         if self._v5:
-            self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: unannotated
+            props.SessionExpiryInterval = m.session_expiry_s
+            self._client.connect_async(
+                m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props
+            )
         else:
             self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
         self._client.loop_start()
@@ -158,7 +169,8 @@ class MqttUplink:
     async def __aexit__(self, *exc: object) -> None:
         """Publish the offline status, then disconnect cleanly (no last will)."""
         if self._connected.is_set():
-            info = self._client.publish(self.status_topic, self._status("offline"), 1, True)
+            payload = await self._full_status("offline")
+            info = self._client.publish(self.status_topic, payload, 1, True)
             # if the connection went meanwhile, the last will says offline instead
             with contextlib.suppress(RuntimeError, ValueError):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
@@ -181,7 +193,26 @@ class MqttUplink:
     # ------------------------------------------------------------------ the pump
 
     async def run(self) -> None:
-        """Publish the outbox until cancelled."""
+        """Publish the outbox, and the status, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._status_loop(), name="uplink.status")
+            tg.create_task(self._publish_loop(), name="uplink.publish")
+
+    async def _status_loop(self) -> None:
+        """The retained status: soon after each connect, then every ``status_interval_s``."""
+        while True:
+            await self._connected.wait()
+            self._status_wake.clear()
+            payload = await self._full_status("online")
+            if self._connected.is_set():
+                self._client.publish(self.status_topic, payload, qos=1, retain=True)
+            await _wait_any(self._status_wake, self._config.mqtt.status_interval_s)
+
+    async def _full_status(self, state: Literal["online", "offline"]) -> bytes:
+        figures = await self._status_figures() if self._status_figures is not None else {}
+        return self._status(state, figures)
+
+    async def _publish_loop(self) -> None:
         while True:
             await self._connected.wait()
             epoch = self._epoch
@@ -269,7 +300,7 @@ class MqttUplink:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
-        self._call(self._connected_now, rc)
+        self._call(self._connected_now, rc, bool(flags.session_present))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._call(self._connect_failed)
@@ -287,8 +318,19 @@ class MqttUplink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != self.mes_ack_topic:
             kind = message.topic.rsplit("/", 1)[-1]
-            self._call(self._on_command, kind, bytes(message.payload))
+            mid, qos = message.mid, message.qos
+
+            def ack() -> None:  # once committed (any thread: paho queues the PUBACK)
+                if qos > 0:
+                    client.ack(mid, qos)
+
+            if message.retain and kind == "heartbeat":
+                ack()  # a retained heartbeat is an old clock reading: never a time check
+                return
+            self._call(self._on_command, kind, bytes(message.payload), ack)
             return
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)  # acknowledgements are idempotent
         if not self._mes_ack:
             return  # acknowledgements mean nothing when the broker's PUBACK is delivery
         try:
@@ -303,7 +345,7 @@ class MqttUplink:
 
     # ------------------------------------------------------------------ on the event loop
 
-    def _connected_now(self, rc: ReasonCode) -> None:
+    def _connected_now(self, rc: ReasonCode, session_present: bool) -> None:
         if rc.is_failure:
             log.warning("mqtt_connect_refused", reason=str(rc))
             return
@@ -311,11 +353,18 @@ class MqttUplink:
         self.connect_failures = 0
         self._inflight.clear()
         self._awaiting.clear()  # published again from the head in this session
-        self._client.subscribe(self.command_topics, qos=1)
+        if not session_present:  # a kept session keeps its subscription (and its queue)
+            self._client.subscribe(self.command_topics, qos=1)
         self._client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self._connected.set()
         self._wake.set()
-        log.info("mqtt_connected", host=self._config.mqtt.host, port=self._config.mqtt.port)
+        self._status_wake.set()
+        log.info(
+            "mqtt_connected",
+            host=self._config.mqtt.host,
+            port=self._config.mqtt.port,
+            session_present=session_present,
+        )
 
     def _connect_failed(self) -> None:
         self.connect_failures += 1
@@ -366,25 +415,28 @@ class MqttUplink:
         self._window_free.set()
         self._wake.set()
 
-    def _status(self, state: str) -> bytes:
+    def _status(
+        self, state: Literal["online", "offline"], figures: Mapping[str, Any] | None = None
+    ) -> bytes:
+        """The status message: ``figures`` (outbox, sources, exceptions) when known; the last
+        will and the first birth carry none."""
         p = self._config.place
-        return json.dumps(
-            {
-                "schema": STATUS_SCHEMA,
-                "version": STATUS_VERSION,
-                "agent": self._config.agent.id,
-                "site": p.site,
-                "area": p.area,
-                "line": p.line,
-                "state": state,
-                "software": __version__,
-                "at": _utc_now(),
-            }
-        ).encode()
+        message = StatusMessage(
+            agent=self._config.agent.id,
+            site=p.site,
+            area=p.area,
+            line=p.line,
+            state=state,
+            software=__version__,
+            at=datetime.now(UTC),
+            **(figures or {}),
+        )
+        return message.model_dump_json(by_alias=True).encode()
 
 
-def _unsupported_command(kind: str, payload: bytes) -> None:
+def _unsupported_command(kind: str, payload: bytes, ack: Callable[[], None]) -> None:
     log.warning("mes_command_not_supported", kind=kind, size=len(payload))
+    ack()
 
 
 def close_sockets(client: mqtt.Client) -> None:

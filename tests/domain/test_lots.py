@@ -19,6 +19,7 @@ from edge_agent.domain.lots import (
     fefo_order,
     load_lots,
     retry_held,
+    reverse_posting,
 )
 from edge_agent.domain.masterdata import Alternate, MasterData
 from edge_agent.domain.quantities import round_to_increment
@@ -399,3 +400,72 @@ def test_partial_return_of_a_substitution_keeps_its_rounding_carry() -> None:
     assert [(d.lot, d.quantity) for d in back.draws] == [("G1", D(-2))]
     assert back.state.alternate_issued["ALT-G"] == 2
     assert {x.lot: x.quantity for x in back.lots} == {"G1": D(4998)}
+
+
+postings = st.lists(st.decimals(min_value=D("0.001"), max_value=D("3"), places=3), max_size=8)
+
+
+@given(
+    st.lists(lot_strategy, max_size=8, unique_by=lambda x: x.lot),
+    postings,
+    st.integers(0, 7),
+)
+def test_a_reversal_gives_back_exactly_what_its_posting_drew(
+    initial: list[Lot], quantities: list[Decimal], pick: int
+) -> None:
+    m = md()
+    lots: tuple[Lot, ...] = tuple(initial)
+    state = BindingState()
+    made = []
+    for q in quantities:
+        b = bind(m, lots, state, "P", q, NOW)  # no alternates: a reversal refuses those
+        lots, state = b.lots, b.state
+        made.append(b)
+    if not made:
+        return
+    target = made[pick % len(made)]
+    held = target.held.quantity if target.held else D(0)
+    if held > state.held:
+        event("refused: its held part was bound since")
+        return
+    before = {x.lot: x.quantity for x in lots}
+    undone = reverse_posting(lots, state, target.draws, held)
+    after = {x.lot: x.quantity for x in undone.lots}
+    given_back = {d.lot: D(0) for d in target.draws}
+    for d in target.draws:
+        given_back[d.lot] += d.quantity
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        k: v for k, v in given_back.items() if v
+    }
+    assert undone.state.drawn == state.drawn - sum(given_back.values(), D(0))
+    assert undone.state.held == state.held - held
+    assert [(d.lot, -d.quantity) for d in undone.draws] == [
+        (d.lot, d.quantity) for d in target.draws
+    ]
+
+
+@given(
+    st.lists(lot_strategy, max_size=8, unique_by=lambda x: x.lot),
+    st.decimals(min_value=D("0.001"), max_value=D("3"), places=3),
+    st.decimals(min_value=D("0"), max_value=D("3"), places=3),
+    st.integers(0, 7),
+)
+def test_what_is_held_for_one_lot_is_only_ever_drawn_from_that_lot(
+    initial: list[Lot], any_lot: Decimal, for_lot: Decimal, pick: int
+) -> None:
+    m = md()
+    primary = [x for x in initial if x.material == "P"]
+    lot_id = primary[pick % len(primary)].lot if primary else "P-feed"
+    state = BindingState(held=any_lot + for_lot, held_lots={lot_id: for_lot} if for_lot else {})
+    b = retry_held(m, initial, state, "P", NOW)
+    from_lot = sum((d.quantity for d in b.draws if d.lot == lot_id), D(0))
+    elsewhere = sum((d.quantity for d in b.draws if d.lot != lot_id), D(0))
+    assert from_lot <= for_lot + any_lot
+    assert elsewhere <= any_lot  # a lot-bound hold never moves to another lot
+    assert b.state.held + b.state.drawn == state.held  # nothing created or lost
+    assert b.state.held_lots.get(lot_id, D(0)) <= for_lot
+    assert all(x.quantity >= 0 for x in b.lots)
+    target = next((x for x in initial if x.lot == lot_id), None)
+    if target is not None and target.is_eligible(NOW) and target.quantity >= for_lot:
+        event("lot-bound hold fully bound")
+        assert lot_id not in b.state.held_lots

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.domain.masterdata import PostingMethod, load_master_data
+from edge_agent.domain.masterdata import PostingMethod, load_master_data, merge_master_doc
 from edge_agent.domain.quantities import Rounding
 from edge_agent.errors import MasterDataError
 
@@ -318,3 +318,22 @@ def test_a_phantom_line_carries_no_posting_fields(extra: dict[str, Any], named: 
     )
     assert msg.startswith("boms[0] (BOM P rev A) › lines[0] (PH): a phantom line is exploded")
     assert named in msg
+
+
+def test_merging_master_data_adds_and_never_changes_a_revision() -> None:
+    bom_b = {"product": "FG", "revision": "B", "uom": "pc", "lines": [{"material": "M"}]}
+    current = {"materials": [{"id": "M", "uom": "kg"}], "boms": [bom_b]}
+    bom_c = {**bom_b, "revision": "C"}
+    merged = merge_master_doc(
+        current, {"boms": [bom_c, bom_b], "materials": [{"id": "N", "uom": "pc"}]}
+    )
+    assert [b["revision"] for b in merged["boms"]] == ["B", "C"]
+    assert [m["id"] for m in merged["materials"]] == ["M", "N"]
+    assert current["boms"] == [bom_b]  # the input is not changed
+    for update, names in (
+        ({"boms": [{**bom_b, "uom": "kg"}]}, "revision B of FG is already known"),
+        ({"materials": [{"id": "M", "uom": "g"}]}, "issue unit never changes"),
+        ({"recipes": []}, "master_data.recipes: unknown field"),
+    ):
+        with pytest.raises(MasterDataError, match=names):
+            merge_master_doc(current, update)

@@ -1,0 +1,261 @@
+"""What the MES sends the agent (the inbound half of the wire contract): typed, versioned, checked.
+
+Each command is JSON on ``{topic_base}/in/{kind}`` with a ``schema`` (``edge-agent/{kind}``), a
+``version`` and a ``command_id`` the MES chooses; the agent answers every command on
+``.../out/command-reply`` (accepted, or rejected with the reason) and applies a command id once
+(a repeat is answered again, as a duplicate, and changes nothing). Kinds:
+
+- ``master-data``: materials and BOM revisions, the same JSON as ``edge-agent calc`` reads,
+  merged into the agent's cached master data (a released revision never changes);
+- ``work-order``: ``release`` / ``start`` / ``hold`` / ``close`` of a work order;
+- ``lot-staging``: a lot ``staged``, ``returned`` to stock, ``quarantined``, ``released`` or
+  ``rebinned`` to another order or work centre;
+- ``reversal``: reverse a posted ``material-consumed`` message by its id;
+- ``heartbeat``: the MES's clock, for the agent's clock check (a beacon: not a command, so it
+  has no id and no reply).
+
+:func:`parse_command` turns a received payload into a command or a :class:`CommandRejected`
+naming the problem: a payload over the size limit, malformed JSON, not an object, a schema that
+does not match the topic, an unknown schema version, a missing or wrongly typed field. Whether
+the command makes sense (an unknown order, a lot that is not staged) is the engine's decision.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from edge_agent.domain.lots import LotStatus
+from edge_agent.domain.masterdata import _DECIMAL_SYNTAX, parse_decimal
+from edge_agent.messages import SCHEMA_PREFIX, VERSION, WireTime, _Wire
+
+#: a quantity in a command: a decimal string (or a JSON integer), never a JSON number with a
+#: fraction (a float to most parsers); the schema says so too
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(parse_decimal),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": f"^{_DECIMAL_SYNTAX.pattern}$"},
+                {"type": "integer"},
+            ],
+            "title": "Quantity",
+        }
+    ),
+]
+
+#: the default limit of a command's payload (a master-data document is the largest)
+MAX_COMMAND_BYTES = 1_048_576
+
+Id = Field(min_length=1, max_length=200)
+
+
+class _Command(_Wire):
+    version: Literal[1] = 1
+    command_id: str = Id
+    issued_at: WireTime | None = None
+    issued_by: str | None = None
+
+
+class MasterDataCommand(_Command):
+    """Materials and BOM revisions, merged into the cached master data: a material or a
+    revision that is new is added, one that is the same is kept; a revision already known
+    with other content, or a material whose unit changes, rejects the whole command."""
+
+    schema_name: Literal["edge-agent/master-data"] = Field(
+        default="edge-agent/master-data", alias="schema"
+    )
+    master_data: dict[str, Any]
+
+
+class RemnantCount(_Wire):
+    lot: str = Id
+    quantity: Quantity = Field(ge=0)
+
+
+class WorkOrderCommand(_Command):
+    """``release`` (with ``product``, ``quantity``; ``revision`` pins a BOM revision, else the
+    one in effect at release is pinned), ``start`` (also resumes a held order), ``hold``
+    (counts are kept, not posted, until started again), ``close`` (variance and genealogy;
+    ``remnants`` are the lots returned to stock with their counted quantity)."""
+
+    schema_name: Literal["edge-agent/work-order"] = Field(
+        default="edge-agent/work-order", alias="schema"
+    )
+    action: Literal["release", "start", "hold", "close"]
+    order: str = Id
+    product: str | None = Field(default=None, min_length=1)
+    revision: str | None = Field(default=None, min_length=1)
+    quantity: Quantity | None = None
+    finished_lot: str | None = Field(default=None, min_length=1)
+    work_centre: str | None = Field(default=None, min_length=1)
+    remnants: tuple[RemnantCount, ...] = ()
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_action(self) -> Self:
+        if self.action == "release":
+            if self.product is None:
+                raise ValueError("product: required to release an order")
+            if self.quantity is None or self.quantity <= 0:
+                raise ValueError(
+                    f"quantity: a released order needs a quantity above 0 (got {self.quantity})"
+                )
+        elif self.product or self.revision or self.quantity is not None or self.finished_lot:
+            raise ValueError(
+                f"product, revision, quantity, finished_lot: only for release, not {self.action}"
+            )
+        if self.remnants and self.action != "close":
+            raise ValueError(f"remnants: only for close, not {self.action}")
+        return self
+
+
+class LotStagingCommand(_Command):
+    """``staged`` (``material``, ``quantity`` in the material's issue unit, optional
+    ``expiry``, ``status``, and ``order``/``work_centre`` to stage it for one only),
+    ``returned`` (``quantity`` back to stock), ``quarantined``, ``released``, ``rebinned``
+    (``order`` and ``work_centre``: null means any)."""
+
+    schema_name: Literal["edge-agent/lot-staging"] = Field(
+        default="edge-agent/lot-staging", alias="schema"
+    )
+    action: Literal["staged", "returned", "quarantined", "released", "rebinned"]
+    lot: str = Id
+    material: str | None = Field(default=None, min_length=1)
+    quantity: Quantity | None = None
+    uom: str | None = None
+    expiry: WireTime | None = None
+    staged_at: WireTime | None = None
+    status: LotStatus = LotStatus.RELEASED
+    order: str | None = Field(default=None, min_length=1)
+    work_centre: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _fields_of_action(self) -> Self:
+        if self.action == "staged":
+            if self.material is None:
+                raise ValueError("material: required to stage a lot")
+            if self.quantity is None or self.quantity < 0:
+                raise ValueError(
+                    f"quantity: a staged lot needs a quantity ≥ 0 (got {self.quantity})"
+                )
+        elif self.action == "returned":
+            if self.quantity is None or self.quantity <= 0:
+                raise ValueError(
+                    f"quantity: a return needs a quantity above 0 (got {self.quantity})"
+                )
+        elif self.quantity is not None:
+            raise ValueError(f"quantity: not used by {self.action}")
+        return self
+
+
+class ReversalCommand(_Command):
+    """Reverse the ``material-consumed`` message ``message_id``: the agent posts a compensating
+    message that references it (the original is never edited)."""
+
+    schema_name: Literal["edge-agent/reversal"] = Field(
+        default="edge-agent/reversal", alias="schema"
+    )
+    message_id: str = Id
+    reason_code: str = Id
+    requested_by: str = Id
+
+
+class Heartbeat(_Wire):
+    """The MES's clock: the agent compares it with its own (``[time] max_skew_s``)."""
+
+    schema_name: Literal["edge-agent/heartbeat"] = Field(
+        default="edge-agent/heartbeat", alias="schema"
+    )
+    version: Literal[1] = 1
+    mes_time: WireTime
+    #: allowed (an MES may number everything) but unused: a heartbeat is not applied or answered
+    command_id: str | None = None
+
+
+Command = MasterDataCommand | WorkOrderCommand | LotStagingCommand | ReversalCommand
+
+#: the last topic level → its model
+COMMAND_MODELS: dict[str, type[BaseModel]] = {
+    "master-data": MasterDataCommand,
+    "work-order": WorkOrderCommand,
+    "lot-staging": LotStagingCommand,
+    "reversal": ReversalCommand,
+    "heartbeat": Heartbeat,
+}
+
+
+class CommandRejected(BaseModel):
+    """A command refused before it reached the engine; ``command_id`` when one was readable."""
+
+    kind: str
+    command_id: str | None
+    reason: str
+
+
+def parse_command(  # noqa: PLR0911 - one return per rejection, in the order checked
+    kind: str, payload: bytes, max_bytes: int = MAX_COMMAND_BYTES
+) -> Command | Heartbeat | CommandRejected:
+    """A received command (``kind`` is its topic's last level), or why it is rejected."""
+
+    def rejected(reason: str, command_id: str | None = None) -> CommandRejected:
+        return CommandRejected(kind=kind, command_id=command_id, reason=reason)
+
+    if len(payload) > max_bytes:
+        return rejected(f"payload: {len(payload)} bytes, over the limit of {max_bytes} bytes")
+    model = COMMAND_MODELS.get(kind)
+    if model is None:
+        known = ", ".join(sorted(COMMAND_MODELS))
+        return rejected(f"topic: unknown command kind {kind!r} (known: {known})")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return rejected(f"payload: malformed JSON ({exc})")
+    if not isinstance(data, dict):
+        return rejected(f"payload: a command is a JSON object (got {type(data).__name__})")
+    raw_id = data.get("command_id")
+    command_id = raw_id if isinstance(raw_id, str) and raw_id else None
+    schema = data.get("schema")
+    wanted = f"{SCHEMA_PREFIX}{kind}"
+    if schema != wanted:
+        return rejected(f"schema: {schema!r} on topic {kind!r} (expected {wanted!r})", command_id)
+    version = data.get("version")
+    if version != VERSION:
+        return rejected(
+            f"version: unknown schema version {version!r} of {wanted} (this agent reads {VERSION})",
+            command_id,
+        )
+    try:
+        command = model.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or 'command'}: {e['msg']}"
+            + (
+                f" (got {_short(e['input'])})"
+                if e["type"] != "missing" and "got" not in e["msg"]
+                else ""
+            )
+            for e in exc.errors()
+        ]
+        return rejected("; ".join(problems), command_id)
+    assert isinstance(
+        command,
+        MasterDataCommand | WorkOrderCommand | LotStagingCommand | ReversalCommand | Heartbeat,
+    )
+    return command
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, Decimal) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

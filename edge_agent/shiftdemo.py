@@ -134,8 +134,38 @@ def _print(out: Console, r: Reconciliation, seconds: float) -> None:
             "totalizer, so a lot's share can differ by what the meter moved in the one reading "
             "interval the change-over falls in; the total is exact."
         )
+    for v in r.variances:
+        close = Table(
+            title=f"Order {v.order} closed by the MES: variance per component (issued to lots, "
+            f"alternates drawn, held for want of a lot; ! beyond ±{fmt(v.threshold_pct)} %)",
+            title_justify="left",
+        )
+        for col in ("material", "theoretical", "issued", "alternates", "held", "variance", "%"):
+            close.add_column(
+                col, justify="left" if col == "material" else "right", no_wrap=col == "material"
+            )
+        for c in v.lines:
+            pct = _short(c.variance_pct, "0.1") if c.variance_pct is not None else ""
+            close.add_row(
+                f"{c.material} ({c.uom})",
+                _short(c.theoretical),
+                _short(c.issued),
+                _short(c.substituted) if c.substituted else "",
+                _short(c.held) if c.held else "",
+                _short(c.variance),
+                f"[yellow]{pct} ![/yellow]" if c.flagged else pct,
+            )
+        out.print(close)
+    for g in r.genealogy:
+        lots = ", ".join(f"{x.lot} {fmt(x.quantity)} {x.uom}" for x in g.components)
+        out.print(f"  genealogy {g.order}: {fmt(g.good)} {g.uom} good ← {lots}")
+    for refusal in r.refused_commands:
+        out.print(f"[red]close refused: {refusal}[/red]")
     if r.exceptions:
-        exc = Table(title="Exceptions raised to the MES", title_justify="left")
+        exc = Table(
+            title="Exception messages to the MES (raised, and resolved when they cleared)",
+            title_justify="left",
+        )
         exc.add_column("code")
         exc.add_column("count", justify="right")
         for code, n in sorted(r.exceptions.items()):
@@ -146,6 +176,12 @@ def _print(out: Console, r: Reconciliation, seconds: float) -> None:
         if r.ok
         else "[bold red]MISMATCH: the MES ledger differs from what the PLC counted.[/bold red]"
     )
+
+
+def _short(value: Decimal, increment: str = "0.001") -> str:
+    """``value`` rounded to ``increment``, without trailing zeros (for narrow tables)."""
+    text = fmt(round_to_increment(value, Decimal(increment), Rounding.HALF_UP))
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _bad(n: int) -> str:

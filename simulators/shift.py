@@ -46,6 +46,7 @@ from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import MasterData, PostingMethod
 from edge_agent.domain.orders import WorkOrder
 from edge_agent.domain.quantities import round_to_increment
+from edge_agent.messages import Genealogy, OrderVariance
 from edge_agent.store import Store
 from simulators.broker import EmbeddedBroker, free_port
 from simulators.feeds import changes_at, expected_by_lot
@@ -66,7 +67,7 @@ class ShiftPlan:
     orders: tuple[tuple[str, int], ...] = (("WO-7", 250), ("WO-8", 150))
     batch: int = 10
     scrap_every: int = 7  # every n-th batch has one scrap unit at each work centre
-    flow_per_unit: int = 31  # totalizer counts (0.01 L) per unit mixed
+    flow_per_unit: int = 3  # totalizer counts (0.01 L) per unit mixed: the BOM's 3 L per 100
     outage_at: float = 0.3  # fraction of the shift when the broker goes down
     outage_batches: int = 5  # batches made while it is down
     restart_at: float = 0.65  # fraction of the shift when the agent is stopped
@@ -75,6 +76,8 @@ class ShiftPlan:
     #: lots the water tank is switched to (MIX-1's feed_lot): the first at the start, then one
     #: after each equal share of the units; none: the tank's lot never changes
     feed_lots: tuple[str, ...] = ()
+    #: at the end the MES closes every order (work-order close over MQTT): variance, genealogy
+    close_orders: bool = True
 
     @property
     def units(self) -> int:
@@ -116,6 +119,11 @@ class Reconciliation:
     #: a shift that switched feed lots: lot → expected and posted (None: the flow metered with no
     #: lot known, and what the MES got of the material drawn from no lot); not part of ``ok``
     feed_lots: dict[str | None, FeedLot] = field(default_factory=dict)
+    #: the orders the MES closed: their variance and genealogy as the MES received them
+    variances: list[OrderVariance] = field(default_factory=list)
+    genealogy: list[Genealogy] = field(default_factory=list)
+    #: command replies the MES got that were not "accepted"
+    refused_commands: list[str] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
@@ -301,6 +309,10 @@ async def run_shift(
             progress(plan.units, "shift done: waiting for the MES to have everything", True)
             expected = expected_consumption(plc.totals, config)
             await _settle(mes, expected, agent, Path(config.store.path), settle_timeout)
+            refused = []
+            if plan.close_orders:
+                refused = await _mes_closes(mes, plan, progress)
+                await _settle(mes, expected, agent, Path(config.store.path), settle_timeout)
             progress(plan.units, "stopping the agent", False)
             code = agent.stop()
             if code != 0:
@@ -309,6 +321,9 @@ async def run_shift(
         outbox_left, audit_ok = await _store_check(Path(config.store.path))
         reconciliation = _reconcile(expected, mes, outbox_left, audit_ok)
         reconciliation.feed_lots = _feed_lots(feed, config, mes)
+        reconciliation.variances = mes.ledger.variances()
+        reconciliation.genealogy = mes.ledger.genealogy()
+        reconciliation.refused_commands = refused
         return reconciliation
     finally:
         agent.stop(signal.SIGKILL)
@@ -443,6 +458,52 @@ async def _settle(
                     return True
                 await asyncio.sleep(0.2)
     return False
+
+
+async def _mes_closes(mes: MesSimulator, plan: ShiftPlan, progress: Progress) -> list[str]:
+    """The end of the shift on the MES side: lots staged for what is held, then every order
+    closed; the closes refused."""
+    progress(plan.units, "the MES stages lots for what is held", True)
+    staged = await _stage_for_held(mes)
+    if staged:
+        progress(plan.units, f"held requirements bound to {', '.join(staged)}", True)
+    progress(plan.units, "the MES closes the orders: variance and genealogy", True)
+    return await _close_orders(mes, [order for order, _ in plan.orders])
+
+
+async def _stage_for_held(mes: MesSimulator) -> list[str]:
+    """The MES stages a lot of every material held for want of one (a lot_held exception still
+    open): the agent binds what is held to it (in the same step as the command, so the postings
+    reach the MES before the reply) and resolves the exception. The lots staged."""
+    staged = []
+    for exception in mes.open_exceptions():
+        material = exception.material
+        if exception.code != "lot_held" or material is None:
+            continue
+        lot = f"{material}-MES"
+        if lot in staged:
+            continue
+        reply = await asyncio.to_thread(mes.wait_reply, mes.stage_lot(lot, material, "10000"), 20.0)
+        if reply.result == "accepted":
+            staged.append(lot)
+    return staged
+
+
+async def _close_orders(mes: MesSimulator, orders: list[str]) -> list[str]:
+    """The MES closes ``orders`` over MQTT and waits for each reply and the variance and
+    genealogy it produces; what was not accepted, as "order: reason"."""
+    refused = []
+    for order in orders:
+        reply = await asyncio.to_thread(mes.wait_reply, mes.close_order(order), 20.0)
+        if reply.result != "accepted":
+            refused.append(f"{order}: {reply.reason}")
+            continue
+
+        def closed(m: MesSimulator, o: str = order) -> bool:
+            return bool(m.ledger.variances(o) and m.ledger.genealogy(o))
+
+        await asyncio.to_thread(mes.wait_for, closed, 20.0)
+    return refused
 
 
 def _outbox_depth(path: Path) -> int:

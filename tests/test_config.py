@@ -121,6 +121,10 @@ SECTION_ERRORS = [
     (_set("sources.1.name", "mix-plc"), "sources[1].name: source 'mix-plc' is defined twice"),
     (_set("sources.0.kind", "modbus"), "sources[0].kind: Input should be 'opcua'"),
     (_set("mqtt.delivery", "exactly-once"), "mqtt.delivery: Input should be 'broker'"),
+    (_set("clock.max_skew_s", "-1"), "clock.max_skew_s: Input should be greater than or equal"),
+    (_set("clock.max_skew_s", 0.5), "clock.max_skew_s: must be a decimal"),
+    (_set("mqtt.max_command_bytes", 10), "mqtt.max_command_bytes: Input should be greater"),
+    (_set("orders.variance_threshold_pct", "x"), "orders.variance_threshold_pct: must be a"),
 ]
 
 

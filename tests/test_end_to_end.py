@@ -64,9 +64,22 @@ def check(workdir: Path, result: Reconciliation, connected_event: str = "opcua_c
 async def test_shift_on_mosquitto_with_a_persistent_mes_session(
     broker: Broker, tmp_path: Path
 ) -> None:
+    """Also over OPC UA: the water tank is switched halfway, and each lot gets the water metered
+    while it was at the meter (after the 2 s hold-up of config/line.toml)."""
     require_protocol(broker, "5")  # without mosquitto, the embedded-broker case covers 3.1.1
-    result = await run_shift(tmp_path, PLAN, broker, protocol="5", delivery="broker")
+    first, second = DEMO_FEED_LOTS[:2]
+    plan = replace(PLAN, feed_lots=(first, second))
+    result = await run_shift(tmp_path, plan, broker, protocol="5", delivery="broker")
     check(tmp_path, result)
+    water = sum(x.received for x in result.lines if x.material == "RM-WATER")
+    lots = result.feed_lots
+    assert set(lots) == {first, second}, lots  # every litre has its lot, nothing held
+    assert sum(x.posted for x in lots.values()) == water
+    assert sum(x.expected for x in lots.values()) == sum(
+        x.expected for x in result.lines if x.material == "RM-WATER"
+    )
+    for lot, x in lots.items():  # within one batch (0.3 L) and the 0.1 L rounding
+        assert abs(Fraction(x.posted) - x.expected) <= Decimal("0.4"), (lot, x)
 
 
 @pytest.mark.asyncio
@@ -90,8 +103,9 @@ async def test_shift_over_modbus_on_the_embedded_broker(tmp_path: Path) -> None:
     lots = result.feed_lots
     assert set(lots) == {first, second}, lots  # nothing without a lot, nothing held
     assert sum(x.posted for x in lots.values()) == water
-    # the split is interpolated between polls; the meter steps a batch (10 units × 0.31 L) at a
-    # time, so a lot's share can be off by at most the step the change-over falls in
-    batch = Decimal("3.1")
+    # the split is interpolated between polls; the meter steps a batch (10 units × 0.03 L) at a
+    # time, so a lot's share can be off by at most the step the change-over falls in, and by the
+    # 0.1 L its posting is rounded to
+    batch = Decimal("0.3") + Decimal("0.1")
     for lot, x in lots.items():
         assert abs(Fraction(x.posted) - x.expected) <= batch, (lot, x)

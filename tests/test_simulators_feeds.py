@@ -26,7 +26,7 @@ from edge_agent.sources.modbus_codec import decode
 from simulators.feeds import LotChange, MeterStep, changes_at, expected_by_lot
 from simulators.modbus_plc import ModbusPlc
 from simulators.opcua_plc import LinePlc
-from simulators.shift import DEMO_FEED_LOTS, FeedLot, ShiftPlan, _feed_lots, run_shift
+from simulators.shift import FeedLot, _feed_lots
 from tests.support.broker import free_port
 from tests.support.modbus import modbus_config
 from tests.support.plc import EXAMPLE, line_config
@@ -329,26 +329,3 @@ def test_the_reconciliation_puts_each_lots_expected_flow_beside_what_the_mes_dre
         "TANK-2-2612": FeedLot(Fraction(50), Decimal("49.9")),
     }
     assert _feed_lots({}, config, mes) == {}  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------------------ a whole shift
-
-
-@pytest.mark.asyncio
-async def test_a_shift_that_switches_tanks_reports_each_lots_flow(tmp_path: Path) -> None:
-    """The real shift (agent process, embedded broker, MES simulator) with the water tank
-    switched halfway: the totals reconcile as ever, and per lot the reconciliation holds the flow
-    metered while it was at the meter (the comparison with the MES is data, not ``ok``)."""
-    first, second = DEMO_FEED_LOTS[:2]
-    # half a second a batch: the 6 batches after the switch take longer than the 2 s lag of
-    # config/line.toml, so the second lot reaches the meter while water still flows
-    plan = ShiftPlan(orders=(("WO-7", 60), ("WO-8", 60)), pace_s=0.5, feed_lots=(first, second))
-    result = await run_shift(tmp_path, plan, None, delivery="mes-ack")
-    assert result.ok
-    assert [c for c in result.lines if c.difference] == []
-    # the first lot reached the meter before the water started: every litre has its lot
-    expected = {lot: x.expected for lot, x in result.feed_lots.items() if x.expected}
-    assert set(expected) == {first, second}
-    water = sum(x.expected for x in result.lines if x.material == "RM-WATER")
-    assert sum(expected.values()) == water  # 3.1 L a batch: the rounding to 0.1 L loses nothing
-    assert all(isinstance(x.posted, Decimal) for x in result.feed_lots.values())

@@ -602,6 +602,7 @@ class Engine:
         return {
             "sources": sources,
             "clock_trusted": self.clock_state.trusted,
+            "held_for_clock": len(self.clock_state.held),
             "open_exceptions": [
                 {
                     "message_id": e["message_id"],
@@ -1843,13 +1844,7 @@ class Engine:
         order = command.order
         assert command.product is not None
         assert command.quantity is not None
-        if command.work_centre is not None and (
-            command.work_centre not in self.config.place.work_centres
-        ):
-            raise CommandRefused(
-                f"work_centre: {command.work_centre!r} is not a work centre of line "
-                f"{self.config.place.line!r} ({', '.join(self.config.place.work_centres)})"
-            )
+        self._check_work_centre(command.work_centre)
         wanted = WorkOrder(
             order,
             command.product,
@@ -1889,6 +1884,14 @@ class Engine:
         self._dirty.add(f"order/{order}")
         log.info("order_released", order=order, product=wanted.product, revision=state.revision)
         self._replay_pending(trigger.received_at)
+
+    def _check_work_centre(self, work_centre: str | None) -> None:
+        place = self.config.place
+        if work_centre is not None and work_centre not in place.work_centres:
+            raise CommandRefused(
+                f"work_centre: {work_centre!r} is not a work centre of line {place.line!r} "
+                f"({', '.join(place.work_centres)})"
+            )
 
     def _close(self, command: WorkOrderCommand, trigger: Trigger) -> None:
         """Variance and genealogy; remnant lots leave the line with their counted quantity."""
@@ -1935,19 +1938,22 @@ class Engine:
         state.status = "closed"
         self._dirty.add(f"order/{order}")
         self._begin_step()
+        common = {
+            "order": order,
+            "product": bom.product,
+            "bom_revision": bom.revision,
+            "finished_lot": wo.finished_lot,
+            "uom": bom.uom,
+            "command_id": trigger.value or "",
+        }
         self._emit(
             OrderVariance(
                 **self._header(wo.work_centre, order, "", "variance"),
-                order=order,
-                product=bom.product,
-                bom_revision=bom.revision,
-                finished_lot=wo.finished_lot,
+                **common,
                 planned_quantity=wo.quantity,
-                uom=bom.uom,
                 threshold_pct=self.config.orders.variance_threshold_pct,
                 lines=tuple(_variance_line(v) for v in lines),
                 remnants=tuple(remnants),
-                command_id=trigger.value or "",
             )
         )
         good, scrap = Decimal(0), Decimal(0)
@@ -1958,15 +1964,10 @@ class Engine:
         self._emit(
             Genealogy(
                 **self._header(wo.work_centre, order, "", "genealogy"),
-                order=order,
-                product=bom.product,
-                bom_revision=bom.revision,
-                finished_lot=wo.finished_lot,
+                **common,
                 good=good,
                 scrap=scrap,
-                uom=bom.uom,
                 components=_genealogy(self.master, state.bindings),
-                command_id=trigger.value or "",
             )
         )
         log.info("order_closed", order=order, remnants=len(remnants))
@@ -1979,13 +1980,7 @@ class Engine:
         now = trigger.received_at
         if command.order is not None and command.order not in self.orders:
             raise CommandRefused(f"order: unknown order {command.order!r}")
-        if command.work_centre is not None and (
-            command.work_centre not in self.config.place.work_centres
-        ):
-            raise CommandRefused(
-                f"work_centre: {command.work_centre!r} is not a work centre of line "
-                f"{self.config.place.line!r}"
-            )
+        self._check_work_centre(command.work_centre)
         if command.action == "staged":
             self._stage(command, lot, now)
         else:

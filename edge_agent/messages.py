@@ -401,6 +401,8 @@ class StatusMessage(_Wire):
     oldest_unacknowledged_s: Quantity | None = None
     sources: dict[str, SourceState] = Field(default_factory=dict)
     clock_trusted: bool | None = None
+    #: postings held while the clock is not trusted (not in the outbox yet)
+    held_for_clock: int | None = None
     open_exceptions: tuple[OpenException, ...] = ()
 
 

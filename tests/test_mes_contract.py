@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -114,24 +114,23 @@ async def reply(mes: MesSimulator, command_id: str) -> Any:
 
 
 def consumed(mes: MesSimulator, material: str) -> list[MaterialConsumed]:
-    out = []
-    for kind, payload in _payloads(mes):
-        if kind == "material-consumed":
-            m = parse_message(payload)
-            assert isinstance(m, MaterialConsumed)
-            if m.material == material:
-                out.append(m)
-    return out
+    return [m for m in received(mes, MaterialConsumed) if m.material == material]
 
 
 def exceptions(mes: MesSimulator, code: str) -> list[ExceptionMessage]:
+    return [m for m in received(mes, ExceptionMessage) if m.code == code]
+
+
+T = TypeVar("T")
+
+
+def received(mes: MesSimulator, kind: type[T]) -> list[T]:
+    """The messages of one kind in the MES ledger, in arrival order."""
     out = []
-    for kind, payload in _payloads(mes):
-        if kind == "exception":
-            m = parse_message(payload)
-            assert isinstance(m, ExceptionMessage)
-            if m.code == code:
-                out.append(m)
+    for _, payload in _payloads(mes):
+        m = parse_message(payload)
+        if isinstance(m, kind):
+            out.append(m)
     return out
 
 
@@ -204,6 +203,7 @@ async def test_the_mes_contract_both_ways(broker: Broker, tmp_path: Path) -> Non
             )
             assert status["state"] == "online"
             assert status["clock_trusted"] is True
+            assert status["held_for_clock"] == 0
             assert status["outbox_depth"] >= 0
             assert set(status["sources"]) == {"mix-plc", "fill-plc"}
             staged = mes.stage_lot("PERF-9001", "RM-PERFUME", "1.000")

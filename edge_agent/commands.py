@@ -11,6 +11,8 @@ Each command is JSON on ``{topic_base}/in/{kind}`` with a ``schema`` (``edge-age
 - ``lot-staging``: a lot ``staged``, ``returned`` to stock, ``quarantined``, ``released`` or
   ``rebinned`` to another order or work centre;
 - ``reversal``: reverse a posted ``material-consumed`` message by its id;
+- ``exception-resolution``: post or discard the counts the agent keeps for an exception (an
+  implausible counter jump; counts for an unknown, held or closed order);
 - ``heartbeat``: the MES's clock, for the agent's clock check (a beacon: not a command, so it
   has no id and no reply).
 
@@ -172,6 +174,21 @@ class ReversalCommand(_Command):
     requested_by: str = Id
 
 
+class ExceptionResolutionCommand(_Command):
+    """The MES decides what happens to counts the agent keeps for it: ``post`` the counts of an
+    implausible counter jump (``counter_jump``) or ``discard`` them; ``discard`` the counts kept
+    for an unknown, held or closed order (``unknown_order``, ``order_held``, ``order_closed``).
+    ``exception_id`` is the open exception's message id."""
+
+    schema_name: Literal["edge-agent/exception-resolution"] = Field(
+        default="edge-agent/exception-resolution", alias="schema"
+    )
+    exception_id: str = Id
+    action: Literal["post", "discard"]
+    reason_code: str = Id
+    requested_by: str = Id
+
+
 class Heartbeat(_Wire):
     """The MES's clock: the agent compares it with its own (``[time] max_skew_s``)."""
 
@@ -184,7 +201,13 @@ class Heartbeat(_Wire):
     command_id: str | None = None
 
 
-Command = MasterDataCommand | WorkOrderCommand | LotStagingCommand | ReversalCommand
+Command = (
+    MasterDataCommand
+    | WorkOrderCommand
+    | LotStagingCommand
+    | ReversalCommand
+    | ExceptionResolutionCommand
+)
 
 #: the last topic level → its model
 COMMAND_MODELS: dict[str, type[BaseModel]] = {
@@ -192,6 +215,7 @@ COMMAND_MODELS: dict[str, type[BaseModel]] = {
     "work-order": WorkOrderCommand,
     "lot-staging": LotStagingCommand,
     "reversal": ReversalCommand,
+    "exception-resolution": ExceptionResolutionCommand,
     "heartbeat": Heartbeat,
 }
 
@@ -249,10 +273,7 @@ def parse_command(  # noqa: PLR0911 - one return per rejection, in the order che
             for e in exc.errors()
         ]
         return rejected("; ".join(problems), command_id)
-    assert isinstance(
-        command,
-        MasterDataCommand | WorkOrderCommand | LotStagingCommand | ReversalCommand | Heartbeat,
-    )
+    assert isinstance(command, Command | Heartbeat)
     return command
 
 

@@ -186,6 +186,9 @@ class CounterSignal(NodeSignal):
 
     width: Literal[16, 32, 64] = 32
     scale: DecimalStr = Field(default=Decimal(1), gt=0)
+    #: good/scrap: a rise faster than this (engineering units a second, between two readings'
+    #: timestamps, over at least a second) is implausible: kept, not posted, until the MES says
+    max_rate: DecimalStr | None = Field(default=None, gt=0)
 
     def counter_spec(self) -> CounterSpec:
         """How the engine counts this counter's values (raw counts of ``scale`` each)."""
@@ -210,6 +213,11 @@ class FlowSignal(CounterSignal, FeedTiming):
 
     uom: UnitCode
     material: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _no_max_rate(self) -> Self:
+        _no_rate_check(self.max_rate)
+        return self
 
 
 class ScaleSignals(_Section):
@@ -485,6 +493,9 @@ class ModbusCounter(ModbusRegister):
     #: a decrease of at most this much (engineering units, whole counts) is a wobble of the
     #: device's value, not a reset: it counts nothing and what rises past the last value counts
     jitter: DecimalStr = Field(default=Decimal(0), ge=0)
+    #: good/scrap: a rise faster than this (engineering units a second) is implausible (as on
+    #: an OPC UA counter)
+    max_rate: DecimalStr | None = Field(default=None, gt=0)
 
     @field_validator("scale")
     @classmethod
@@ -581,6 +592,18 @@ class ModbusFlow(ModbusCounter, FeedTiming):
 
     uom: UnitCode
     material: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _no_max_rate(self) -> Self:
+        _no_rate_check(self.max_rate)
+        return self
+
+
+def _no_rate_check(max_rate: Decimal | None) -> None:
+    if max_rate is not None:
+        raise ValueError(
+            "max_rate: only for good and scrap counters (a totalizer is posted per time slice)"
+        )
 
 
 class ModbusAnalog(ModbusRegister):

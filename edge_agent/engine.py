@@ -38,6 +38,7 @@ import structlog
 
 from edge_agent.commands import (
     CommandRejected,
+    ExceptionResolutionCommand,
     Heartbeat,
     LotStagingCommand,
     MasterDataCommand,
@@ -71,6 +72,7 @@ from edge_agent.domain.counters import (
     HandshakeAction,
     HandshakePhase,
     after,
+    implausible,
     on_request,
     quantity,
     read_counter,
@@ -492,6 +494,8 @@ class Engine:
         #: open exception key → {message_id, code, order, material, since, text}
         self.open_exceptions: dict[str, dict[str, Any]] = {}
         self.clock_state = ClockState()
+        #: counts kept for the MES to decide on (an implausible jump), by exception message id
+        self.parked: dict[str, dict[str, Any]] = {}
         self._journal: list[tuple[str, str, bytes, str]] = []  # postings to keep (uncommitted)
         self._recent: dict[str, bytes] = {}  # postings not yet committed, by id
         self._documents: dict[str, dict[str, Any]] = {}  # documents changed by a command
@@ -531,6 +535,7 @@ class Engine:
             engine._dirty.add("lots")
         engine.sequence = int(state.get("engine", {}).get("sequence", 0))
         engine.open_exceptions = dict(state.get("exceptions", {}).get("open", {}))
+        engine.parked = dict(state.get("exceptions", {}).get("parked", {}))
         if "clock" in state:
             engine.clock_state = ClockState.from_dict(state["clock"])
         for key, value in state.items():
@@ -552,7 +557,7 @@ class Engine:
         if key == "lots":
             return {"lots": [lot.to_dict() for lot in self.lots]}
         if key == "exceptions":
-            return {"open": self.open_exceptions}
+            return {"open": self.open_exceptions, "parked": self.parked}
         if key == "clock":
             return self.clock_state.to_dict()
         if key.startswith("command/"):
@@ -856,11 +861,16 @@ class Engine:
         elif signal in ("good", "scrap"):
             spec = sigs.good if signal == "good" else sigs.scrap
             assert spec is not None
+            since = wc.counters.get(signal, CounterState()).source_time
             counts = self._count(source, wc, event, spec)
             if counts:
                 q = quantity(spec.counter_spec(), counts)
                 good, scrap = (q, Decimal(0)) if signal == "good" else (Decimal(0), q)
-                self._confirm(source, wc.order, good, scrap, event)
+                at = event.source_time or event.received_at
+                if implausible(spec.counter_spec(), counts, since, at, spec.max_rate):
+                    self._park_jump(source, wc, event, good, scrap, since)
+                else:
+                    self._confirm(source, wc.order, good, scrap, event)
         elif signal == "flow":
             assert sigs.flow is not None
             counts = self._count(source, wc, event, sigs.flow)
@@ -1057,15 +1067,49 @@ class Engine:
             )
         return None
 
-    def _confirm(
+    def _park_jump(
         self,
         source: SourceConfig,
-        order: str | None,
+        wc: WorkCentreState,
+        event: SignalEvent,
         good: Decimal,
         scrap: Decimal,
-        event: SignalEvent,
+        since: datetime | None,
     ) -> None:
-        pending = {
+        """An implausible rise: counted (the counter moves on), kept, raised; posted or
+        discarded when the MES resolves the exception."""
+        spec = _counter(source, event.signal)
+        assert spec is not None
+        item = self._confirm_item(source, good, scrap, event)
+        item["order"] = wc.order
+        rise = good + scrap
+        message_id = self._exception(
+            source.work_centre,
+            ExceptionCode.COUNTER_JUMP,
+            Severity.ERROR,
+            f"{event.signal} ({event.address}) rose by {fmt(rise)} since "
+            f"{since.isoformat() if since else 'the last reading'}, faster than its max_rate of "
+            f"{fmt(spec.max_rate or Decimal(0))} a second: the counts are kept, not posted, until "
+            "the MES posts or discards them (exception-resolution)",
+            wc.order,
+            source.operation,
+            details={
+                "rise": fmt(rise),
+                "value": str(event.value),
+                "max_rate": fmt(spec.max_rate or Decimal(0)),
+            },
+            trigger=_trigger(event),
+            open_key=f"counter_jump/{source.name}/{event.signal}/{event.received_at.isoformat()}",
+        )
+        assert message_id is not None
+        self.parked[message_id] = item
+        self._dirty.add("exceptions")
+
+    def _confirm_item(
+        self, source: SourceConfig, good: Decimal, scrap: Decimal, event: SignalEvent
+    ) -> dict[str, Any]:
+        """A confirmation as kept for later (pending, parked): JSON."""
+        return {
             "kind": "confirm",
             "work_centre": source.work_centre,
             "source": source.name,
@@ -1074,6 +1118,16 @@ class Engine:
             "scrap": str(scrap),
             "trigger": _trigger(event).model_dump(mode="json"),
         }
+
+    def _confirm(
+        self,
+        source: SourceConfig,
+        order: str | None,
+        good: Decimal,
+        scrap: Decimal,
+        event: SignalEvent,
+    ) -> None:
+        pending = self._confirm_item(source, good, scrap, event)
         state = self._known(source, order, pending, _trigger(event))
         if state is not None:
             self._post_confirmation(
@@ -1679,33 +1733,37 @@ class Engine:
                     key, f"order {state.order}: the {len(pending)} kept count(s) are posted now"
                 )
             for item in pending:
-                self._begin_step()
-                trigger = Trigger.model_validate(item["trigger"])
-                if item["kind"] == "confirm":
-                    self._post_confirmation(
-                        item["work_centre"],
-                        state,
-                        item["operation"],
-                        parse_decimal(item["good"]),
-                        parse_decimal(item["scrap"]),
-                        trigger,
-                        None,
-                    )
-                else:  # a metered slice: its window is past, so it is bound FEFO now
-                    window = item.get("window")
-                    self._post_meter(
-                        item["work_centre"],
-                        state,
-                        item["operation"],
-                        item["material"],
-                        Fraction(item["amount"]),
-                        item["uom"],
-                        trigger,
-                        now,
-                        FeedWindow(start=window[0], end=window[1], reading_gap_s=Decimal(0))
-                        if window
-                        else None,
-                    )
+                self._replay_item(state, item, now)
+
+    def _replay_item(self, state: OrderState, item: Mapping[str, Any], now: datetime) -> None:
+        """Post one kept count (a confirmation or a metered slice) to ``state``'s order."""
+        self._begin_step()
+        trigger = Trigger.model_validate(item["trigger"])
+        if item["kind"] == "confirm":
+            self._post_confirmation(
+                item["work_centre"],
+                state,
+                item["operation"],
+                parse_decimal(item["good"]),
+                parse_decimal(item["scrap"]),
+                trigger,
+                None,
+            )
+        else:  # a metered slice: its window is past, so it is bound FEFO now
+            window = item.get("window")
+            self._post_meter(
+                item["work_centre"],
+                state,
+                item["operation"],
+                item["material"],
+                Fraction(item["amount"]),
+                item["uom"],
+                trigger,
+                now,
+                FeedWindow(start=window[0], end=window[1], reading_gap_s=Decimal(0))
+                if window
+                else None,
+            )
 
     # ------------------------------------------------------------------ MES commands
 
@@ -1759,6 +1817,8 @@ class Engine:
                 self._work_order_command(parsed, trigger)
             elif isinstance(parsed, LotStagingCommand):
                 self._lot_staging(parsed, trigger)
+            elif isinstance(parsed, ExceptionResolutionCommand):
+                self._exception_resolution(parsed, trigger)
             else:
                 self._reversal(parsed, event.original, trigger)
         except (CommandRefused, InputError) as exc:
@@ -2212,6 +2272,61 @@ class Engine:
     def _issued_now(self, state: OrderState, key: ComponentKey) -> Decimal:
         return state.consumption.component(key).issued - state.reversed.get(key, Decimal(0))
 
+    # ........................................................ exception resolution
+
+    def _exception_resolution(self, command: ExceptionResolutionCommand, trigger: Trigger) -> None:
+        key = next(
+            (k for k, e in self.open_exceptions.items() if e["message_id"] == command.exception_id),
+            None,
+        )
+        if key is None:
+            raise CommandRefused(
+                f"exception_id: {command.exception_id!r} is not an open exception of agent "
+                f"{self.config.agent.id}"
+            )
+        record = self.open_exceptions[key]
+        code, order = record["code"], record["order"]
+        how = f"{command.action} by {command.requested_by} ({command.reason_code})"
+        if code == ExceptionCode.COUNTER_JUMP:
+            item = self.parked.pop(command.exception_id)
+            self._dirty.add("exceptions")
+            self._resolve(key, f"the counts of the jump are {how}")
+            if command.action == "post":
+                state = self._order(item["order"] or NO_ORDER)
+                if state.product is None or state.status in ("held", "closed"):
+                    state.pending.append({k: v for k, v in item.items() if k != "order"})
+                    self._dirty.add(f"order/{state.order}")
+                    self._replay_pending(trigger.received_at)
+                else:
+                    self._replay_item(state, item, trigger.received_at)
+            return
+        if code in (
+            ExceptionCode.UNKNOWN_ORDER,
+            ExceptionCode.ORDER_HELD,
+            ExceptionCode.ORDER_CLOSED,
+        ):
+            if command.action == "post":
+                raise CommandRefused(
+                    f"action: the counts kept for order {order} are posted when the order is "
+                    + ("released" if code == ExceptionCode.UNKNOWN_ORDER else "started")
+                    + (
+                        "; a closed order takes no more postings: discard them (and post in the "
+                        "MES by hand if they belong there)"
+                        if code == ExceptionCode.ORDER_CLOSED
+                        else ""
+                    )
+                )
+            state = self._order(order or NO_ORDER)
+            dropped, state.pending = len(state.pending), []
+            self._dirty.add(f"order/{state.order}")
+            self._resolve(key, f"the {dropped} count(s) kept for order {order} are {how}")
+            return
+        raise CommandRefused(
+            f"exception_id: a {code} exception clears by itself (it is resolved when its cause "
+            "is gone); only counter_jump, unknown_order, order_held and order_closed are "
+            "resolved by the MES"
+        )
+
     # ........................................................ time
 
     def _heartbeat(self, heartbeat: Heartbeat, received_at: datetime) -> None:
@@ -2357,15 +2472,16 @@ class Engine:
         open_key: str | None = None,
         supersede: bool = True,
         resolves: str | None = None,
-    ) -> None:
-        """Publish an exception. With ``open_key`` it stays open (listed in the status) until
+    ) -> str | None:
+        """Publish an exception (its message id; None when not published again). With
+        ``open_key`` it stays open (listed in the status) until
         :meth:`_resolve` publishes its "resolved" message; raised again while open it either
         supersedes the open one (its message ``resolves`` the earlier) or, with
         ``supersede=False``, is not published again."""
         prior = self.open_exceptions.get(open_key) if open_key else None
         if prior is not None:
             if not supersede:
-                return
+                return None
             resolves = prior["message_id"]
         self.stats.exceptions[code.value] += 1
         log.warning("exception_raised", code=code.value, text=text, work_centre=work_centre)
@@ -2394,6 +2510,7 @@ class Engine:
                 "text": text,
             }
             self._dirty.add("exceptions")
+        return message.message_id
 
     def _resolve(self, key: str, text: str, work_centre: str | None = None) -> None:
         """The open exception ``key`` has cleared: publish its "resolved" message."""

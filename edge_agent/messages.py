@@ -99,6 +99,7 @@ class ExceptionCode(StrEnum):
     ORDER_HELD = "order_held"  # counts for an order the MES holds: kept until it is started
     ORDER_CLOSED = "order_closed"  # counts for an order already closed: kept, not posted
     CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"  # skew beyond the limit: postings held
+    COUNTER_JUMP = "counter_jump"  # a count rose implausibly fast: kept until the MES decides
 
 
 class Severity(StrEnum):

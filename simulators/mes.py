@@ -66,6 +66,7 @@ from rich.table import Table
 from edge_agent.commands import (
     COMMAND_MODELS,
     CommandRejected,
+    ExceptionResolutionCommand,
     Heartbeat,
     LotStagingCommand,
     MasterDataCommand,
@@ -946,6 +947,28 @@ class MesSimulator:
             ReversalCommand(
                 command_id=command_id or self.new_command_id(),
                 message_id=message_id,
+                reason_code=reason_code,
+                requested_by=requested_by,
+            )
+        )
+
+    def resolve_exception(
+        self,
+        exception_id: str,
+        action: Literal["post", "discard"],
+        reason_code: str,
+        requested_by: str,
+        *,
+        command_id: str | None = None,
+    ) -> str:
+        """Decide on counts the agent keeps for the open exception ``exception_id`` (an
+        implausible counter jump: post or discard; counts for an unknown, held or closed order:
+        discard)."""
+        return self.send(
+            ExceptionResolutionCommand(
+                command_id=command_id or self.new_command_id(),
+                exception_id=exception_id,
+                action=action,
                 reason_code=reason_code,
                 requested_by=requested_by,
             )

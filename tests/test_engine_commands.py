@@ -526,3 +526,105 @@ async def test_a_plc_clock_ahead_holds_postings(tmp_path: Path, store: Store) ->
 
 def _wire(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------ resolutions
+
+
+async def jumpy(tmp_path: Path, store: Store) -> tuple[Engine, Mes, Line]:
+    """The example line with MIX-1's good counter limited to 5 tubes a second."""
+    config = make_config(tmp_path)
+    mix = config.sources[0]
+    assert mix.signals.good is not None
+    good = mix.signals.good.model_copy(update={"max_rate": Decimal(5)})
+    signals = mix.signals.model_copy(update={"good": good})
+    config = config.model_copy(
+        update={"sources": (mix.model_copy(update={"signals": signals}), *config.sources[1:])}
+    )
+    clock = Clock()
+    engine = await Engine.load(config, store, MASTER, ORDERS, LOTS, clock, master_doc=MASTER_DOC)
+    engine.connected = dict.fromkeys(engine.connected, True)
+    return engine, Mes(engine, store, clock), Line(clock)
+
+
+@pytest.mark.parametrize("action", ["post", "discard"])
+async def test_an_implausible_counter_jump_waits_for_the_mes(
+    tmp_path: Path, store: Store, action: str
+) -> None:
+    engine, mes, line = await jumpy(tmp_path, store)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "good", 3))
+    engine.apply(line.event("MIX-1", "good", 1000))  # 997 tubes in 10 ms
+    engine.apply(line.event("MIX-1", "good", 1003, at=mes.clock.tick(2000)))  # 3 in 2 s: fine
+    await commit(engine, store)
+    messages = await outbox(store)
+    goods = [m.good for m in messages if isinstance(m, ProductionConfirmation)]
+    assert goods == [Decimal(3), Decimal(3)]  # the jump is kept, not posted
+    (jump,) = exceptions(messages, "counter_jump")
+    assert jump.details["rise"] == "997"
+    assert engine.status_figures()["open_exceptions"][0]["code"] == "counter_jump"
+    reply = await mes.send(
+        "exception-resolution",
+        exception_id=jump.message_id,
+        action=action,
+        reason_code="CHECKED",
+        requested_by="jdoe",
+    )
+    assert reply.result == "accepted", reply.reason
+    messages = await outbox(store)
+    goods = [m.good for m in messages if isinstance(m, ProductionConfirmation)]
+    assert goods == ([Decimal(3), Decimal(3), Decimal(997)] if action == "post" else goods[:2])
+    assert [m.resolves for m in exceptions(messages, "counter_jump")] == [None, jump.message_id]
+    assert [e["code"] for e in engine.open_exceptions.values() if e["code"] == "counter_jump"] == []
+    assert engine.parked == {}
+    again = await mes.send(
+        "exception-resolution",
+        exception_id=jump.message_id,
+        action="post",
+        reason_code="CHECKED",
+        requested_by="jdoe",
+    )
+    assert again.result == "rejected"  # resolved once: not an open exception any more
+
+
+async def test_counts_kept_for_an_unknown_order_can_be_discarded(
+    tmp_path: Path, store: Store
+) -> None:
+    engine, mes, line, _ = await setup(tmp_path, store)
+    engine.apply(line.event("MIX-1", "order", "WO-404"))
+    engine.apply(line.event("MIX-1", "good", 4))
+    await commit(engine, store)
+    (unknown,) = exceptions(await outbox(store), "unknown_order")
+    fields = {"exception_id": unknown.message_id, "reason_code": "TEST", "requested_by": "jdoe"}
+    post = await mes.send("exception-resolution", action="post", **fields)
+    assert post.result == "rejected"
+    assert post.reason is not None
+    assert "released" in post.reason
+    assert engine.order_states["WO-404"].pending  # a rejected command changed nothing
+    discard = await mes.send("exception-resolution", action="discard", **fields)
+    assert discard.result == "accepted"
+    assert engine.order_states["WO-404"].pending == []
+    resolved = exceptions(await outbox(store), "unknown_order")[-1]
+    assert resolved.resolves == unknown.message_id
+    assert "discard by jdoe" in resolved.text
+
+
+async def test_an_exception_that_clears_by_itself_is_not_resolved_by_command(
+    tmp_path: Path, store: Store
+) -> None:
+    lots = [lot for lot in LOTS if lot.material != "RM-PERFUME"]
+    engine, mes, line, _ = await setup(tmp_path, store, lots)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "good", 10))
+    await commit(engine, store)
+    (held,) = exceptions(await outbox(store), "lot_held")
+    reply = await mes.send(
+        "exception-resolution",
+        exception_id=held.message_id,
+        action="discard",
+        reason_code="X",
+        requested_by="jdoe",
+    )
+    assert reply.result == "rejected"
+    assert reply.reason is not None
+    assert "clears by itself" in reply.reason

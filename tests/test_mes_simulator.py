@@ -751,16 +751,17 @@ def test_every_command_helper_sends_a_command_the_contract_accepts(
         "release_lot": mes.release_lot("LOT-W1"),
         "rebin": mes.rebin_lot("LOT-W1", order="ORD-1002"),
         "reverse": mes.reverse("msg-1", "wrong_lot", "j.doe"),
+        "resolve": mes.resolve_exception("exc-1", "discard", "glitch", "j.doe"),
         "heartbeat": mes.heartbeat(T0),
     }
     assert sent["heartbeat"] == ""
     ids = [command_id for command_id in sent.values() if command_id]
-    assert len(set(ids)) == len(ids) == 11
+    assert len(set(ids)) == len(ids) == 12
     assert all(command_id.startswith(f"{mes.client_id}-") for command_id in ids)
-    assert mes.commands_sent == 12
+    assert mes.commands_sent == 13
 
     received = {}
-    for topic, payload in commands.take(12):
+    for topic, payload in commands.take(13):
         command = _parsed(payload, topic)
         received[getattr(command, "command_id", None) or ""] = (
             topic.rsplit("/", 1)[-1],
@@ -774,6 +775,7 @@ def test_every_command_helper_sends_a_command_the_contract_accepts(
         **dict.fromkeys(("release", "start", "hold", "close"), "work-order"),
         **dict.fromkeys(("stage", "return", "quarantine", "release_lot", "rebin"), "lot-staging"),
         "reverse": "reversal",
+        "resolve": "exception-resolution",
         "heartbeat": "heartbeat",
     }
     master = got["master"][1]

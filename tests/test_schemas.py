@@ -116,6 +116,13 @@ EXAMPLES = {
     },
     "reversal": {"command_id": "r1", "message_id": "x", "reason_code": "R", "requested_by": "u"},
     "heartbeat": {"mes_time": "2026-11-23T07:00:00.000Z"},
+    "exception-resolution": {
+        "command_id": "e1",
+        "exception_id": "x",
+        "action": "discard",
+        "reason_code": "GLITCH",
+        "requested_by": "u",
+    },
 }
 
 

@@ -23,7 +23,7 @@ it once. What a new reading means is decided explicitly here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -133,6 +133,26 @@ def _decrease(spec: CounterSpec, state: CounterState, new: CounterState) -> Coun
         if wrapped <= spec.window:
             return CounterReading(new, CounterChange.ROLLOVER, wrapped)
     return CounterReading(new, CounterChange.RESET, new.raw)
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def implausible(
+    spec: CounterSpec,
+    counts: int,
+    since: datetime | None,
+    at: datetime,
+    max_rate: Decimal | None,
+) -> bool:
+    """Whether ``counts`` counted between a reading at ``since`` and one at ``at`` rose faster
+    than ``max_rate`` engineering units a second (over at least one second: two readings close
+    together prove no rate). A glitch, a bit flip, a counter set by hand: not production."""
+    if max_rate is None or counts <= 0:
+        return False
+    micros = (at - since) // _MICROSECOND if since is not None else 0
+    seconds = max(Decimal(1), Decimal(micros) / 1_000_000)
+    return Decimal(counts) * spec.scale > max_rate * seconds
 
 
 def quantity(spec: CounterSpec, counts: int) -> Decimal:

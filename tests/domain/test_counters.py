@@ -16,6 +16,7 @@ from edge_agent.domain.counters import (
     HandshakeAction,
     HandshakePhase,
     after,
+    implausible,
     on_request,
     quantity,
     read_counter,
@@ -236,3 +237,15 @@ def test_a_wobbling_totalizer_counts_exactly_its_rise(
         state, total = r.state, total + r.counts
     r = read_counter(spec, state, top, at(len(steps)))  # the last read shows where it got to
     assert total + r.counts == top - baseline
+
+
+def test_a_rise_faster_than_the_max_rate_is_implausible() -> None:
+    spec = CounterSpec(32, Decimal("0.5"))  # half a unit a count
+    t0 = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
+    rate = Decimal(5)  # units a second
+    assert not implausible(spec, 10, t0, t0 + timedelta(seconds=1), rate)  # 5 in 1 s
+    assert implausible(spec, 11, t0, t0 + timedelta(seconds=1), rate)
+    assert not implausible(spec, 10, t0, t0 + timedelta(milliseconds=10), rate)  # ≥ 1 s
+    assert not implausible(spec, 1000, t0, t0 + timedelta(seconds=100), rate)  # an outage
+    assert not implausible(spec, 10**9, t0, t0, None)  # no limit configured
+    assert implausible(spec, 11, None, t0, rate)  # no earlier reading: over one second

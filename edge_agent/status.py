@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -62,31 +63,40 @@ async def _show(path: Path, out: Console) -> int:
             wcs.add_row(key[3:], wc.order or "—", wc.handshake.value, counters or "—")
     out.print(wcs)
     orders = Table(title="orders", title_justify="left")
-    for col in ("order", "product", "rev", "operation", "good", "scrap", "pending"):
+    for col in ("order", "product", "rev", "status", "operation", "good", "scrap", "pending"):
         orders.add_column(col, justify="right" if col in ("good", "scrap", "pending") else "left")
     for key, value in state.items():
         if key.startswith("order/"):
             o = OrderState.from_dict(value)
+            head = (o.order, o.product or "unknown", o.revision or "—", o.status)
             ops = o.consumption.operations or {}
             if not ops:
-                orders.add_row(
-                    o.order,
-                    o.product or "unknown",
-                    o.revision or "—",
-                    "—",
-                    "",
-                    "",
-                    str(len(o.pending)),
-                )
+                orders.add_row(*head, "—", "", "", str(len(o.pending)))
             for op, progress in ops.items():
                 orders.add_row(
-                    o.order,
-                    o.product or "unknown",
-                    o.revision or "—",
-                    op,
-                    str(progress.good),
-                    str(progress.scrap),
-                    str(len(o.pending)),
+                    *head, op, str(progress.good), str(progress.scrap), str(len(o.pending))
                 )
     out.print(orders)
+    _exceptions(state, out)
     return 0 if audit.ok else 1
+
+
+def _exceptions(state: dict[str, dict[str, Any]], out: Console) -> None:
+    """The clock hold and the open exceptions, when there are any."""
+    clock = state.get("clock", {})
+    if clock and not clock.get("trusted", True):
+        out.print(
+            f"  clock NOT trusted (MES offset {clock.get('mes_offset_s')} s): "
+            f"{len(clock.get('held', []))} posting(s) held until it is",
+            markup=False,
+        )
+    open_exceptions = state.get("exceptions", {}).get("open", {})
+    if open_exceptions:
+        exc = Table(title="open exceptions", title_justify="left")
+        for col in ("since", "code", "order", "material", "message id"):
+            exc.add_column(col)
+        for e in open_exceptions.values():
+            exc.add_row(
+                e["since"], e["code"], e["order"] or "—", e["material"] or "—", e["message_id"]
+            )
+        out.print(exc)

@@ -120,19 +120,31 @@ def test_status_shows_the_store_and_a_broken_audit_chain(
     assert "WO-7" in out
     assert "good=12" in out
 
+    asyncio.run(_a_short_run(config_path, tmp_path / "agent.db", (("order", "WO-404"),)))
+    asyncio.run(_a_short_run(config_path, tmp_path / "agent.db", (("good", 13),)))
+    assert main(["status", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "open exceptions" in out
+    assert "unknown_order" in out
+    assert "WO-404" in out
+
     with sqlite3.connect(tmp_path / "agent.db") as db:  # an auditor's nightmare: an edited entry
         db.execute("UPDATE audit SET ref = 'edited' WHERE seq = 3")
     assert main(["status", str(config_path)]) == 1
     assert "audit chain BROKEN at entry 3" in capsys.readouterr().out
 
 
-async def _a_short_run(config_path: Path, db: Path) -> None:
+async def _a_short_run(
+    config_path: Path,
+    db: Path,
+    signals: tuple[tuple[str, object], ...] = (("order", "WO-7"), ("good", 12), ("scrap", 1)),
+) -> None:
     config = load_config(config_path)
     async with Store.open(db) as store:
         docs = await load_documents(config, store)
         engine = await Engine.load(config, store, docs.master, docs.orders, docs.lots)
         at = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
-        for n, (signal, value) in enumerate((("order", "WO-7"), ("good", 12), ("scrap", 1))):
+        for n, (signal, value) in enumerate(signals):
             t = at + timedelta(seconds=n)
             engine.apply(
                 SignalEvent("mix-plc", "MIX-1", signal, "n", value, Quality.GOOD, "Good", t, t)

@@ -1956,9 +1956,6 @@ class Engine:
     def _close(self, command: WorkOrderCommand, trigger: Trigger) -> None:
         """Variance and genealogy; remnant lots leave the line with their counted quantity."""
         order = command.order
-        state = self._order(order)
-        if state.product is None:
-            raise CommandRefused(f"order: {order} has no master data to close against")
         lots = {lot.lot: lot for lot in self.lots}
         remnants: list[Remnant] = []
         residual: dict[str, Decimal] = {}
@@ -1982,6 +1979,8 @@ class Engine:
                     residual=rest,
                 )
             )
+        state = self._order(order)  # the order is known (checked): its BOM is pinned
+        assert state.product is not None
         bom = self._bom(state)
         wo = self.orders[order]
         lines = close_variance(

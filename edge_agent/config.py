@@ -107,12 +107,13 @@ class PlaceSection(_Section):
     line: Name
     work_centres: tuple[Name, ...] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique(self) -> Self:
-        dupes = sorted({w for w in self.work_centres if self.work_centres.count(w) > 1})
+    @field_validator("work_centres")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({w for w in value if value.count(w) > 1})
         if dupes:
             raise ValueError(f"work centre listed twice: {', '.join(dupes)}")
-        return self
+        return value
 
 
 class StoreSection(_Section):
@@ -772,11 +773,14 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_references(self) -> Self:
         problems = []
-        names: set[str] = set()
+        names: dict[str, int] = {}
         for i, source in enumerate(self.sources):
             if source.name in names:
-                problems.append(f"sources[{i}].name: source {source.name!r} is defined twice")
-            names.add(source.name)
+                problems.append(
+                    f"sources[{i}].name: source {source.name!r} is defined twice (also "
+                    f"sources[{names[source.name]}].name)"
+                )
+            names.setdefault(source.name, i)
             if source.work_centre not in self.place.work_centres:
                 problems.append(
                     f"sources[{i}].work_centre: {source.work_centre!r} is not a work centre of "
@@ -864,6 +868,10 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([f"cannot read {str(path)!r}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x})"]
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from None
     return parse_config(data, path.resolve().parent)

@@ -21,6 +21,11 @@ def read_json(path: Path, what: str) -> object:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read {what} file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{what} file {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+            f"{exc.object[exc.start]:#04x})"
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -28,6 +33,8 @@ def read_json(path: Path, what: str) -> object:
             f"{what} file {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} "
             f"column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise InputError(f"{what} file {str(path)!r} is nested too deeply to be read") from None
 
 
 def load_master(path: Path) -> MasterData:

@@ -77,7 +77,7 @@ SECTION_ERRORS = [
     (_set("agent.id", "line/1"), "agent.id: must be letters, digits"),
     (_delete("agent"), "agent: required"),
     (_set("place.work_centres", []), "place.work_centres: Tuple should have at least 1"),
-    (_set("place.work_centres", ["A", "A"]), "place: work centre listed twice: A"),
+    (_set("place.work_centres", ["A", "A"]), "place.work_centres: work centre listed twice: A"),
     (_set("place.site", "plant #1"), "place.site: must be letters"),
     (_delete("store.path"), "store.path: required"),
     (_set("store.synchronous", "OFF"), "store.synchronous: Input should be 'FULL' or 'NORMAL'"),

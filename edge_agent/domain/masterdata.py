@@ -346,9 +346,15 @@ def merge_master_doc(current: Mapping[str, Any], update: Mapping[str, Any]) -> d
             problems.append(f"master_data.{key}: unknown field (materials, boms)")
     materials = {m.get("id"): m for m in current.get("materials", [])}
     boms = {(b.get("product"), b.get("revision")): b for b in current.get("boms", [])}
-    for i, m in enumerate(update.get("materials", []) or []):
+    _check_update_shape(update)
+    for i, m in enumerate(update.get("materials", [])):
         if not isinstance(m, Mapping):
             problems.append(f"master_data.materials[{i}]: must be an object")
+            continue
+        if not isinstance(m.get("id"), str):
+            problems.append(
+                f"master_data.materials[{i}].id: must be a string (got {m.get('id')!r})"
+            )
             continue
         known = materials.get(m.get("id"))
         if known is not None and known.get("uom") != m.get("uom"):
@@ -357,9 +363,15 @@ def merge_master_doc(current: Mapping[str, Any], update: Mapping[str, Any]) -> d
                 f"the known unit {known.get('uom')!r}: a material's issue unit never changes"
             )
         materials[m.get("id")] = dict(m)
-    for i, b in enumerate(update.get("boms", []) or []):
+    for i, b in enumerate(update.get("boms", [])):
         if not isinstance(b, Mapping):
             problems.append(f"master_data.boms[{i}]: must be an object")
+            continue
+        unnamed = [k for k in ("product", "revision") if not isinstance(b.get(k), str)]
+        if unnamed:
+            problems += [
+                f"master_data.boms[{i}].{k}: must be a string (got {b.get(k)!r})" for k in unnamed
+            ]
             continue
         ref = (b.get("product"), b.get("revision"))
         known_bom = boms.get(ref)
@@ -373,6 +385,19 @@ def merge_master_doc(current: Mapping[str, Any], update: Mapping[str, Any]) -> d
     if problems:
         raise MasterDataError(problems)
     return {"materials": list(materials.values()), "boms": list(boms.values())}
+
+
+def _check_update_shape(update: Mapping[str, Any]) -> None:
+    """Materials and BOMs are lists (what each holds is checked item by item)."""
+    problems = []
+    for key in ("materials", "boms"):
+        if not isinstance(update.get(key, []), list):
+            value = update[key]
+            problems.append(
+                f"master_data.{key}: must be a list (got {type(value).__name__} {value!r:.40})"
+            )
+    if problems:
+        raise MasterDataError(problems)
 
 
 def describe_errors(exc: ValidationError, data: object) -> list[str]:

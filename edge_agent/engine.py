@@ -152,7 +152,7 @@ from edge_agent.messages import (
     parse_message,
     wire_time,
 )
-from edge_agent.sources import Origin, Quality, SignalEvent, SourceStatus
+from edge_agent.sources import Origin, Quality, SignalEvent, SignalValue, SourceStatus
 from edge_agent.store import Store, UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -774,19 +774,39 @@ class Engine:
                 f"{event.signal} ({event.address}) is good again: its values are used",
                 source.work_centre,
             )
+        invalid = f"signal_invalid/{source.name}/{event.signal}"
         try:
-            return self._apply_signal(source, wc, event)
+            writes = self._apply_signal(source, wc, event)
         except SignalError as exc:
+            # once per transition, like bad quality: a PLC showing NaN at every poll is one
+            # exception, open until a valid value is used; nothing of the value is kept
             self._exception(
                 source.work_centre,
                 ExceptionCode.SIGNAL_INVALID,
                 Severity.ERROR,
-                f"{event.signal} ({event.address}): {exc}",
+                f"{event.signal} ({event.address}): {exc}: the value is not used, the last "
+                "valid one stands until a valid value is read",
                 wc.order,
                 source.operation,
+                details={
+                    "signal": event.signal,
+                    "address": event.address,
+                    "value": _shown(event.value),
+                    "error": str(exc),
+                },
                 trigger=_trigger(event),
+                open_key=invalid,
+                supersede=False,
             )
             return []
+        if invalid in self.open_exceptions:
+            log.info("signal_valid_again", signal=event.signal, address=event.address)
+            self._resolve(
+                invalid,
+                f"{event.signal} ({event.address}) has a valid value again ({_shown(event.value)})",
+                source.work_centre,
+            )
+        return writes
 
     def _source_status(self, status: SourceStatus) -> None:
         """A lost (or never made) PLC connection is an exception once, and its return another:
@@ -1459,8 +1479,22 @@ class Engine:
         assert scale is not None
         trigger = _trigger(event)
         state = self._order(wc.order or NO_ORDER)
-        if state.product is None or wc.weight is None:
-            why = "no weight has been read" if wc.weight is None else "the order is not known"
+        # a weight or tare that is bad, or whose last value was invalid, is not the weight on
+        # the scale now: the last valid one would be posted for a weighing it never measured
+        unusable = [
+            part
+            for part in ("scale.weight", "scale.tare")
+            if part in wc.bad_signals
+            or f"signal_invalid/{source.name}/{part}" in self.open_exceptions
+        ]
+        if state.product is None or wc.weight is None or unusable:
+            why = (
+                "no weight has been read"
+                if wc.weight is None
+                else f"{' and '.join(unusable)} has no valid value now"
+                if unusable
+                else "the order is not known"
+            )
             self._exception(
                 source.work_centre,
                 ExceptionCode.WEIGHING_REJECTED,
@@ -2641,22 +2675,46 @@ def _counter(source: SourceConfig, name: str) -> CounterConfig | None:
     return value if isinstance(value, CounterSignal | ModbusCounter) else None
 
 
+def _shown(value: SignalValue) -> str:
+    """A signal value as an exception names it: its type when that is the problem."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _what(value: SignalValue) -> str:
+    kind = {bool: "a boolean", str: "text", type(None): "no value"}.get(type(value))
+    if kind is not None:
+        return f"{kind} ({_shown(value)})"
+    if isinstance(value, Decimal) and not value.is_finite():
+        return f"{value}, not a number"
+    return _shown(value)
+
+
 def _int(event: SignalEvent) -> int:
-    if isinstance(event.value, bool) or not isinstance(event.value, int):
-        raise SignalError(f"expected an integer (got {event.value!r})")
-    return event.value
+    """Whole counts: an integer, never a boolean, text, a fraction or NaN."""
+    value = event.value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SignalError(f"expected whole counts, an integer (got {_what(value)})")
+    return value
 
 
 def _bool(event: SignalEvent) -> bool:
     if not isinstance(event.value, bool):
-        raise SignalError(f"expected a boolean (got {event.value!r})")
+        raise SignalError(f"expected a boolean (got {_what(event.value)})")
     return event.value
 
 
 def _decimal(event: SignalEvent) -> Decimal:
+    """A finite number: NaN or infinity from a scale (a float register, an OPC UA Double) is
+    no weight."""
     value = event.value
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
-        raise SignalError(f"expected a number (got {value!r})")
+        raise SignalError(f"expected a number (got {_what(value)})")
+    if not Decimal(value).is_finite():
+        raise SignalError(f"expected a finite number (got {_what(value)})")
     return Decimal(value)
 
 

@@ -30,8 +30,11 @@ OPC UA source's. What registers mean is decoded by :mod:`edge_agent.sources.modb
   same for every event of one poll, strictly increasing from poll to poll even if the clock
   steps back), ``received_at`` the moment its last response arrived.
 - **Values.** Counters as ``int`` counts, flags ``bool``, measurements ``Decimal``, the order
-  ``str``: never a float. Registers that cannot be a value (a NaN, a string that is not ASCII)
-  give ``None`` with ``Quality.BAD`` and the codec's status (``NotFinite``, ...).
+  ``str``: never a float. Registers that cannot be a value (a string that is not ASCII) give
+  ``None`` with ``Quality.BAD`` and the codec's status (``InvalidString``, ...). A float32 NaN
+  or infinity is passed on as ``Decimal("NaN")``/``Decimal("Infinity")`` with good quality (and
+  a float32 totalizer below zero as its Decimal value): the device sent it, the engine refuses
+  it as an invalid value (``signal_invalid``) naming the signal, the register and the value.
 - **Exception responses.** A request answered with a Modbus exception (illegal address, device
   busy, ...) gives ``Quality.BAD`` events for every signal of that request, the status naming
   the exception (``IllegalDataAddress``, ``DeviceBusy``, ...) and ``address`` each signal's
@@ -184,6 +187,12 @@ def _describe(exc: BaseException) -> str:
 
 #: signals that say "the values beside me are ready": read before those values in every poll
 TRIGGERS = frozenset({"complete_request", "scale.stable"})
+
+
+def _same(last: _Reading | None, reading: _Reading) -> bool:
+    """Whether a reading repeats the last one: a NaN, never equal to itself, is the same NaN
+    again (not a change to emit at every poll)."""
+    return last == reading or (last is not None and repr(last) == repr(reading))
 
 
 def triggers_first(requests: list[ReadRequest]) -> list[ReadRequest]:
@@ -453,7 +462,7 @@ class _Connection:
         for name, field in source._fields.items():
             reading = readings[name]
             emitted: Origin | None = None
-            if origin is Origin.READ or self._last.get(name) != reading:
+            if origin is Origin.READ or not _same(self._last.get(name), reading):
                 emitted = origin
             elif (
                 name == REFRESHED

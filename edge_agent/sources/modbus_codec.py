@@ -19,7 +19,9 @@ no sockets, no pymodbus, no clock.
 - **Scaling.** An engineering value is ``raw × scale + offset``, in exact Decimal arithmetic. A
   ``float32`` becomes a Decimal without ever printing the float: its exact binary value (a
   Fraction) is scaled and rounded half-up to the signal's ``resolution`` (0.1f at 0.001 is
-  0.100). NaN and infinity are decode errors (bad quality), never a value.
+  0.100). NaN and infinity are passed on as they are (``Decimal("NaN")``, ``Decimal("Infinity")``),
+  and so is a float32 totalizer below zero (its value, not counts): the values the device
+  sent, which the engine refuses as invalid (``signal_invalid``, naming them), never a count.
 - **Roles.** What a signal is for decides the Python type the engine gets: a counter → ``int``
   counts (the raw integer; a ``float32`` totalizer as its value / resolution, rounded half-up), a
   handshake quantity → ``int``, an analog value (weight, tare) → ``Decimal``, a flag → ``bool``
@@ -135,8 +137,7 @@ class Role(StrEnum):
 
 class DecodeError(ValueError):
     """Registers that cannot be a value of their signal; ``status`` names why (the event's
-    status, with bad quality): ``NotFinite``, ``OutOfRange``, ``InvalidString``,
-    ``ShortResponse``."""
+    status, with bad quality): ``InvalidString``, ``ShortResponse``."""
 
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -305,32 +306,32 @@ def encode_raw(field: Field, value: RawValue, word: int = 0) -> list[int] | list
 # --------------------------------------------------------------------- engineering values
 
 
-def _finite(field: Field, raw: float) -> Fraction:
-    if not math.isfinite(raw):
-        raise DecodeError("NotFinite", f"{field.signal} ({field.label}): {raw} is not a number")
-    return Fraction(raw)  # exact: the float's binary value, never its printed digits
-
-
 def engineering(field: Field, raw: int | float) -> Decimal:
-    """``raw × scale + offset``, exactly; a float rounded half-up to the resolution."""
+    """``raw × scale + offset``, exactly; a float rounded half-up to the resolution (NaN and
+    infinity as they are: not a measurement, for the engine to refuse)."""
     if isinstance(raw, float):
         assert field.resolution is not None
-        exact = _finite(field, raw) * Fraction(field.scale) + Fraction(field.offset)
+        if not math.isfinite(raw):
+            return Decimal(raw)
+        # exact: the float's binary value, never its printed digits
+        exact = Fraction(raw) * Fraction(field.scale) + Fraction(field.offset)
         return round_to_increment(exact, field.resolution, Rounding.HALF_UP)
     return Decimal(raw) * field.scale + field.offset
 
 
-def counts(field: Field, raw: int | float) -> int:
+def counts(field: Field, raw: int | float) -> int | Decimal:
     """A counter's raw value as counts: an integer as is; a float32 totalizer as its value /
-    resolution, rounded half-up (at exactly its modulus it shows 0)."""
+    resolution, rounded half-up (at exactly its modulus it shows 0). A float32 that is not a
+    count (NaN, infinity, below zero) is its engineering value, a Decimal: the engine refuses
+    it by name, where an int would be taken for counts."""
     if not isinstance(raw, float):
         return raw
     assert field.resolution is not None
-    steps = _finite(field, raw) * Fraction(field.scale) / Fraction(field.resolution)
+    if not math.isfinite(raw):
+        return Decimal(raw)
+    steps = Fraction(raw) * Fraction(field.scale) / Fraction(field.resolution)
     if steps < 0:
-        raise DecodeError(
-            "OutOfRange", f"{field.signal} ({field.label}): a totalizer below zero ({raw})"
-        )
+        return engineering(field, raw)
     whole, rest = divmod(steps.numerator, steps.denominator)
     if 2 * rest >= steps.denominator:
         whole += 1

@@ -140,6 +140,8 @@ class LinePlc:
         #: every feed lot change, in the order made (:meth:`change_lot`)
         self.lot_changes: list[LotChange] = []
         self._flow_of: dict[str, _WorkCentre] = {}  # a totalizer's node → its work centre
+        #: nodes given a value of another variant type (set_raw): retyped at the next write
+        self._retyped: set[str] = set()
         for source in config.sources:
             if not isinstance(source, OpcUaSourceConfig):
                 continue  # a Modbus source: simulators/modbus_plc.py serves it
@@ -315,7 +317,18 @@ class LinePlc:
 
     async def _publish(self, variable: _Variable) -> None:
         if self._server is not None:
+            if variable.address in self._retyped:
+                self._retype(variable)
+                self._retyped.discard(variable.address)
             await self._server.write_attribute_value(variable.node_id, variable.datavalue())
+
+    def _retype(self, variable: _Variable) -> None:
+        """Let the next write give the node a value of another variant type: asyncua's server
+        refuses a type other than the stored value's (BadTypeMismatch), unless none is stored,
+        and a PLC whose program writes the wrong type is what :meth:`set_raw` plays."""
+        assert self._server is not None
+        node = self._server.iserver.aspace._nodes[variable.node_id]
+        node.attributes[AttributeIds.Value].value = None
 
     def _ack_setter(self, wc: _WorkCentre, variable: _Variable) -> Any:
         def setter(node: NodeData, attr: AttributeIds, datavalue: ua.DataValue) -> None:
@@ -488,6 +501,28 @@ class LinePlc:
             raise TimeoutError(
                 f"{wc.name}: complete_ack did not become {target} within {timeout} s"
             ) from None
+
+    async def set_raw(
+        self, work_centre: str, signal: str, value: Any, vtype: ua.VariantType
+    ) -> None:
+        """Publish any value of any variant type on a signal's node (a string on a counter, a
+        NaN weight): a PLC program gone wrong. Not kept: the node's own value (which
+        :meth:`produce` counts on) is what the next regular write builds on."""
+        variable = self._var(self._wc(work_centre), signal)
+        variable.stamp = self._stamp()
+        if self._server is not None:
+            moment = _ua_time(variable.stamp)
+            self._retype(variable)
+            self._retyped.add(variable.address)
+            await self._server.write_attribute_value(
+                variable.node_id,
+                ua.DataValue(
+                    Value=ua.Variant(value, vtype),
+                    StatusCode=variable.status,
+                    SourceTimestamp=moment,
+                    ServerTimestamp=moment,
+                ),
+            )
 
     async def set_quality(self, work_centre: str, signal: str, status: str) -> None:
         """Set a node's StatusCode by name ("BadSensorFailure", "UncertainLastUsableValue",

@@ -454,7 +454,7 @@ async def test_every_weighing_is_seen_as_a_drop_and_a_rise_of_stable(
 
 
 @pytest.mark.asyncio
-async def test_registers_that_cannot_be_a_value_are_bad_quality(
+async def test_a_nan_register_is_passed_on_as_it_is_for_the_engine_to_refuse(
     plc: ModbusPlc, config: Config
 ) -> None:
     mix = source(config, MIX)
@@ -467,7 +467,12 @@ async def test_registers_that_cannot_be_a_value_are_bad_quality(
             lambda i: isinstance(i, SignalEvent) and i.signal == "scale.weight", after=mark
         )
         assert isinstance(nan, SignalEvent)
-        assert (nan.value, nan.quality, nan.status) == (None, Quality.BAD, "NotFinite")
+        assert isinstance(nan.value, Decimal)
+        assert nan.value.is_nan()
+        assert (nan.quality, nan.status) == (Quality.GOOD, "Good")
+        # the same NaN at the next polls is no change: emitted once
+        await polls(plc, 5)
+        assert [e for e in rec.events(after=mark) if e.signal == "scale.weight"] == [nan]
         mark = rec.mark()
         await plc.weigh(MIX, Decimal("2.5"))
         good = await rec.wait_value("scale.weight", Decimal("2.5"), after=mark)

@@ -257,3 +257,27 @@ def test_invalid_values_among_valid_ones_count_exactly_the_valid_ones(
     assert len([m for m in found if m.resolves is None]) == transitions
     assert len([m for m in found if m.resolves is not None]) == resolutions
     assert ("signal_invalid/mix-plc/good" in engine.open_exceptions) is broken
+
+
+def test_a_scrap_counter_jump_above_max_rate_is_held_not_posted() -> None:
+    """max_rate on the scrap counter too: a jump is a counter_jump exception, kept."""
+    mix = CONFIG.sources[0]
+    assert mix.signals.scrap is not None
+    scrap = mix.signals.scrap.model_copy(update={"max_rate": Decimal(5)})
+    signals = mix.signals.model_copy(update={"scrap": scrap})
+    config = CONFIG.model_copy(
+        update={"sources": (mix.model_copy(update={"signals": signals}), *CONFIG.sources[1:])}
+    )
+    clock = Clock()
+    line = Line(clock)
+    engine = Engine(config, MASTER, ORDERS, LOTS, clock, MASTER_DOC)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "scrap", 2))
+    engine.apply(line.event("MIX-1", "scrap", 900))  # 898 in 10 ms
+    msgs = messages(engine)
+    assert [m.scrap for m in msgs if isinstance(m, ProductionConfirmation)] == [Decimal(2)]
+    (jump,) = [
+        m for m in msgs if isinstance(m, ExceptionMessage) and m.code.value == "counter_jump"
+    ]
+    assert jump.details["rise"] == "898"
+    assert len(engine.parked) == 1

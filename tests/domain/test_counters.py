@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.domain.counters import (
@@ -249,3 +250,24 @@ def test_a_rise_faster_than_the_max_rate_is_implausible() -> None:
     assert not implausible(spec, 1000, t0, t0 + timedelta(seconds=100), rate)  # an outage
     assert not implausible(spec, 10**9, t0, t0, None)  # no limit configured
     assert implausible(spec, 11, None, t0, rate)  # no earlier reading: over one second
+
+
+@settings(max_examples=200, deadline=None)
+@example(counts=5, micros=1_000_000, rate=Decimal(5), scale=Decimal(1))  # at the limit: fine
+@example(counts=501, micros=2_500_000, rate=Decimal(2), scale=Decimal("0.01"))
+@given(
+    counts=st.integers(0, 10**9),
+    micros=st.integers(0, 10**11),
+    rate=st.decimals(min_value=Decimal("0.001"), max_value=10**6, places=3),
+    scale=st.sampled_from([Decimal("0.01"), Decimal(1), Decimal(5)]),
+)
+def test_implausible_is_exactly_a_rise_above_the_rate_over_at_least_a_second(
+    counts: int, micros: int, rate: Decimal, scale: Decimal
+) -> None:
+    """Held when, and only when, the rise in engineering units exceeds max_rate × the elapsed
+    seconds (at least one): computed here in exact fractions, independently of the rule."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    spec = CounterSpec(64, scale)
+    seconds = max(Fraction(1), Fraction(micros, 10**6))
+    held = counts > 0 and Fraction(counts) * Fraction(scale) > Fraction(rate) * seconds
+    assert implausible(spec, counts, t0, t0 + timedelta(microseconds=micros), rate) is held

@@ -28,6 +28,7 @@ one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -40,7 +41,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from edge_agent.errors import StoreError
+from edge_agent.errors import StoreError, StoreFullError
 
 SCHEMA_VERSION = 2
 GENESIS = "0" * 64
@@ -249,12 +250,22 @@ class Store:
                             seq, digest = await self._apply(op, args, seq, digest)
                     await self._db.execute("COMMIT")
                 except BaseException:
-                    await self._db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
             self._audit_seq, self._audit_hash = seq, digest
         self.commits += 1
+
+    async def _rollback(self) -> None:
+        """Roll back what is still open, keeping the error that got us here.
+
+        On some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, ...) SQLite has already rolled
+        the transaction back itself; a ROLLBACK then fails with "no transaction is active" and,
+        raised, would hide the real cause (a full disk reported as a rollback problem)."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
 
     async def _apply(
         self, op: str, args: tuple[Any, ...], seq: int, digest: str
@@ -308,7 +319,10 @@ class Store:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
+            try:
+                return list(await self._db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
 
     async def get_state(self, key: str) -> dict[str, Any] | None:
         rows = await self._fetch("SELECT value FROM state WHERE key = ?", (key,))
@@ -363,7 +377,7 @@ class Store:
                     )
                     await self._db.execute("COMMIT")
                 except BaseException:  # cancellation included: never leave a transaction open
-                    await self._db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
@@ -408,6 +422,6 @@ def _check_header(path: Path) -> None:
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     text = str(exc)
-    if "full" in text.lower():
-        return StoreError(f"the disk holding store {str(path)!r} is full: {text}")
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in text.lower():
+        return StoreFullError(f"the disk holding store {str(path)!r} is full: {text}")
     return StoreError(f"store {str(path)!r}: {text}")

@@ -160,6 +160,8 @@ from edge_agent.store import Store, UnitOfWork
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 500
+#: a store that cannot commit is retried after retry_interval, doubling up to this
+MAX_STORE_RETRY_S = 15.0
 COUNTERS = ("good", "scrap", "flow")
 NO_ORDER = ""
 
@@ -745,10 +747,11 @@ class Engine:
         The in-memory state goes back to the last commit (nothing may run ahead of the store),
         no PLC acknowledge or MES command PUBACK is given for the batch, and the queue is not
         drained meanwhile: the PLC's cumulative counters and its unacknowledged requests keep
-        the counts, the broker keeps the unacknowledged commands. Every ``retry_interval`` the
-        held ``events`` are applied again to the committed state (the same sequence, so the
-        same message ids) and committed with a raised-and-resolved exception saying how long
-        the store was down. None: :meth:`stop` was called before it worked.
+        the counts, the broker keeps the unacknowledged commands. After ``retry_interval``
+        (doubling up to ``MAX_STORE_RETRY_S``) the held ``events`` are applied again to the
+        committed state (the same sequence, so the same message ids) and committed with a
+        raised-and-resolved exception saying how long the store was down. None: :meth:`stop`
+        was called before it worked.
         """
         since = self.clock()
         code = (
@@ -756,6 +759,7 @@ class Engine:
             if isinstance(error, StoreFullError)
             else ExceptionCode.STORE_WRITE_FAILED
         )
+        wait = self._retry_interval
         while True:
             try:
                 await self._restore(store)
@@ -767,14 +771,15 @@ class Engine:
                     "since": wire_time(since),
                     "text": f"{error}: no new work is taken until the store can commit again "
                     "(the PLC's counters keep the counts); retried every "
-                    f"{fmt(Decimal(str(self._retry_interval)))} s",
+                    f"{fmt(Decimal(str(self._retry_interval)))} s to "
+                    f"{fmt(Decimal(str(MAX_STORE_RETRY_S)))} s",
                 }
                 log.error(
                     "store_commit_failed", code=code.value, error=str(error), held=len(events)
                 )
                 self._on_alarm()
             try:
-                async with asyncio.timeout(self._retry_interval):
+                async with asyncio.timeout(wait):
                     await self._stopping.wait()
                 log.warning("engine_stopped_while_store_failing", held=len(events))
                 return None
@@ -786,6 +791,7 @@ class Engine:
                 await self._commit(store, on_commit)
             except StoreError as exc:
                 error = exc
+                wait = min(wait * 2, max(self._retry_interval, MAX_STORE_RETRY_S))
                 continue
             log.info("store_committing_again", code=code.value, since=wire_time(since))
             self.store_fault = None

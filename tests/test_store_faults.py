@@ -13,19 +13,30 @@ real agent process reading a real OPC UA PLC simulator.
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import sqlite3
-from collections import Counter
+import tomllib
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+import tomli_w
 
+from edge_agent.config import parse_config
 from edge_agent.domain.counters import HandshakePhase
 from edge_agent.errors import StoreError, StoreFullError
+from edge_agent.messages import parse_message
 from edge_agent.sources import SourceStatus
 from edge_agent.store import Store, UnitOfWork
+from simulators.opcua_plc import LinePlc
+from simulators.shift import AgentProcess, agent_config, expected_consumption
+from tests.support.broker import Broker, EmbeddedBroker, free_port
 from tests.support.tmpfs import small_fs
 from tests.test_engine import (
     Clock,
@@ -217,5 +228,132 @@ async def test_a_full_disk_is_reported_as_full_and_leaves_the_store_intact(tmp_p
             await store.commit_units([big])
             assert await store.outbox_depth() == 200
             assert (await store.verify_audit()).ok
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+# ------------------------------------------------------- end to end: the agent on a full disk
+
+
+def _outbox_messages(path: Path) -> list[Any]:
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+    return [parse_message(bytes(r[0])) for r in rows]
+
+
+def _consumed(messages: list[Any]) -> dict[tuple[str, str, str], Decimal]:
+    totals: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+    for m in messages:
+        if m.schema_name == "edge-agent/material-consumed":
+            totals[(m.order, m.material, m.uom)] += m.quantity
+    return {k: v for k, v in totals.items() if v}
+
+
+def _logged(agent: AgentProcess, event: str) -> int:
+    return agent.log_path.read_bytes().count(f'"event": "{event}"'.encode())
+
+
+async def _until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class StatusWatcher:
+    """Keeps every retained status the agent publishes (a real MQTT subscriber)."""
+
+    def __init__(self, host: str, port: int, topic: str) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="status-watcher")
+        self.client.on_message = lambda c, u, m: self.statuses.append(json.loads(m.payload))
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_the_agent_on_a_full_disk_stops_alarms_and_catches_up_exactly(
+    tmp_path: Path, broker: Broker | EmbeddedBroker
+) -> None:
+    """A real agent process, a real OPC UA PLC, the store on a real 2 MB tmpfs that is filled
+    while the line counts and runs an operation-complete handshake, then freed. Delivery is
+    ``mes-ack`` with no MES acknowledging, so the outbox keeps every message: what it holds at
+    the end must be exactly what the PLC counted, through the BOM."""
+    with small_fs(tmp_path / "fs", 2048) as fs:
+        plc_port = free_port()
+        protocol = broker.protocols[0]
+        _, config_path = agent_config(
+            tmp_path, plc_port, (broker.host, broker.port), protocol, "mes-ack"
+        )
+        data = tomllib.loads(config_path.read_text())
+        data["store"]["path"] = str(fs.root / "agent.db")
+        config_path.write_text(tomli_w.dumps(data))
+        config = parse_config(data)
+        agent = AgentProcess(config_path, tmp_path / "agent.log")
+        watcher = StatusWatcher(broker.host, broker.port, f"{config.topic_base}/status")
+        try:
+            async with LinePlc(config, port=plc_port) as plc:
+                for wc in ("MIX-1", "FILL-1"):
+                    await plc.set_order(wc, "WO-7")
+                agent.start()
+                await agent.wait_connected(len(config.sources))
+                await plc.produce("MIX-1", good=12, scrap=1)
+                await plc.complete("FILL-1", 10, 0)
+                store = Path(config.store.path)
+                await _until(lambda: _consumed(_outbox_messages(store)), "the first postings")
+
+                fs.fill()
+                # the line goes on; the operation complete cannot be acknowledged meanwhile
+                handshake = asyncio.create_task(plc.complete("FILL-1", 7, 1, timeout=None))
+                await _until(lambda: _logged(agent, "store_commit_failed") >= 1, "the alarm")
+                for _ in range(5):
+                    await plc.produce("MIX-1", good=9, scrap=1)
+                await _until(
+                    lambda: any(s.get("store_fault") for s in watcher.statuses),
+                    "the alarm in the retained status",
+                )
+                fault = next(s["store_fault"] for s in watcher.statuses if s.get("store_fault"))
+                assert fault["code"] == "store_full"
+                assert str(store) in fault["text"]
+                assert not handshake.done()
+                assert plc.value("FILL-1", "complete_ack") is False
+                assert agent.running
+
+                fs.free()
+                async with asyncio.timeout(60):
+                    await handshake
+                await plc.produce("MIX-1", good=5)
+                expected = {k: v for k, v in expected_consumption(plc.totals, config).items() if v}
+                await _until(
+                    lambda: _consumed(_outbox_messages(store)) == expected,
+                    "the outbox to catch up with the PLC",
+                    timeout=60,
+                )
+                await _until(
+                    lambda: any(s.get("store_fault") is None for s in watcher.statuses[-1:]),
+                    "the alarm to clear in the status",
+                )
+                assert agent.stop() == 0
+        finally:
+            agent.stop(signal.SIGKILL)
+            watcher.close()
+
+        messages = _outbox_messages(store)
+        assert _consumed(messages) == expected  # exactly: nothing lost, nothing doubled
+        ids = [m.message_id for m in messages]
+        assert len(ids) == len(set(ids))
+        faults = [m for m in messages if getattr(m, "code", None) == "store_full"]
+        assert len(faults) == 2
+        assert faults[1].resolves == faults[0].message_id
+        assert _logged(agent, "store_committing_again") == 1
+        with closing(sqlite3.connect(store)) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        async with Store.open(store) as s:
+            assert (await s.verify_audit()).ok

@@ -239,6 +239,8 @@ class Store:
             for seq, digest in last:
                 self._audit_seq, self._audit_hash = int(seq), str(digest)
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                raise _translate(exc, self.path) from exc  # not damage: retry when there is space
             raise StoreError(f"{where} is damaged: {exc}; {RECOVERY}") from exc
 
     async def _use_wal(self, synchronous: str) -> None:

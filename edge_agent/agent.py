@@ -206,7 +206,13 @@ class Agent:
                 async with asyncio.TaskGroup() as tg:
                     uplink_task = tg.create_task(uplink.run(), name="uplink")
                     engine_task = tg.create_task(
-                        engine.run(store, SourceWriter(sources), uplink.notify), name="engine"
+                        engine.run(
+                            store,
+                            SourceWriter(sources),
+                            uplink.notify,
+                            on_alarm=uplink.status_changed,
+                        ),
+                        name="engine",
                     )
                     source_tasks = [
                         tg.create_task(s.run(engine.submit), name=f"source[{name}]")

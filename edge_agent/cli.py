@@ -32,6 +32,7 @@ from edge_agent.errors import (
     LotDataError,
     MasterDataError,
     StoreError,
+    StoreFullError,
 )
 from edge_agent.logs import configure_logging
 from edge_agent.reports import print_table
@@ -181,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args, out)
+    except StoreFullError as exc:  # not a store to distrust: a restart later can succeed
+        err.print(f"edge-agent: {exc}", markup=False)
+        return EXIT_FAILURE
     except StoreError as exc:
         err.print(f"edge-agent: {exc}", markup=False)
         return EXIT_STORE

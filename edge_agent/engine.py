@@ -124,6 +124,8 @@ from edge_agent.errors import (
     InputError,
     MasterDataError,
     SignalError,
+    StoreError,
+    StoreFullError,
 )
 from edge_agent.messages import (
     POSTINGS,
@@ -158,6 +160,8 @@ from edge_agent.store import Store, UnitOfWork
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 500
+#: a store that cannot commit is retried after retry_interval, doubling up to this
+MAX_STORE_RETRY_S = 15.0
 COUNTERS = ("good", "scrap", "flow")
 NO_ORDER = ""
 
@@ -505,6 +509,18 @@ class Engine:
         self._queue: asyncio.Queue[SignalEvent | SourceStatus | CommandEvent | None] = (
             asyncio.Queue()
         )
+        #: set while the store cannot commit: {code, since, text} (the status shows it)
+        self.store_fault: dict[str, Any] | None = None
+        self._stopping = asyncio.Event()
+        self._on_alarm: Callable[[], None] = lambda: None
+        self._retry_interval = 1.0
+        #: what :meth:`load` was given, to rebuild the committed state after a failed commit
+        self._origin: tuple[Mapping[str, WorkOrder], tuple[Lot, ...], MasterData, Any] = (
+            self.orders.copy(),
+            self.lots,
+            master,
+            master_doc,
+        )
 
     # ------------------------------------------------------------------ persistence
 
@@ -531,6 +547,7 @@ class Engine:
             else list(initial_lots)
         )
         engine = cls(config, master, orders, lots, clock, master_doc)
+        engine._origin = (dict(orders), tuple(initial_lots), master, master_doc)
         if lots_state is None:
             engine._dirty.add("lots")
         engine.sequence = int(state.get("engine", {}).get("sequence", 0))
@@ -606,6 +623,7 @@ class Engine:
             }
         return {
             "sources": sources,
+            "store_fault": dict(self.store_fault) if self.store_fault else None,
             "clock_trusted": self.clock_state.trusted,
             "held_for_clock": len(self.clock_state.held),
             "open_exceptions": [
@@ -635,7 +653,9 @@ class Engine:
         self._queue.put_nowait(CommandEvent(kind, payload, self.clock(), ack=ack))
 
     def stop(self) -> None:
-        """Finish what is queued, commit it, and return from :meth:`run`."""
+        """Finish what is queued, commit it, and return from :meth:`run` (while the store
+        cannot commit: return at once; what is held was never acknowledged to anyone)."""
+        self._stopping.set()
         self._queue.put_nowait(None)
 
     async def run(
@@ -644,10 +664,18 @@ class Engine:
         writer: PlcWriter,
         on_commit: Callable[[], None] = lambda: None,
         retry_interval: float = 1.0,
+        on_alarm: Callable[[], None] = lambda: None,
     ) -> None:
-        """Apply, commit, acknowledge; until :meth:`stop` (or cancellation)."""
-        if self._dirty or self._outgoing:  # seeded lots, replayed pending counts
-            await self._commit(store, on_commit)
+        """Apply, commit, acknowledge; until :meth:`stop` (or cancellation).
+
+        A commit that fails (a full disk, an I/O error) is held, see :meth:`_hold`; ``on_alarm``
+        is called when the store stops and starts committing again (the status changed)."""
+        self._on_alarm = on_alarm
+        self._retry_interval = retry_interval
+        if (self._dirty or self._outgoing) and await self._commit_or_hold(
+            store, on_commit, [], ([], [])
+        ) is None:
+            return
         while True:
             try:
                 async with asyncio.timeout(retry_interval):
@@ -658,27 +686,154 @@ class Engine:
             batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            writes: list[PlcWrite] = []
-            acks: list[Callable[[], None]] = []
+            events: list[SignalEvent | SourceStatus | CommandEvent] = []
             stopping = False
             for item in batch:
                 if item is None:
                     stopping = True
                     continue
                 event = item
-                if isinstance(event, CommandEvent):
-                    if event.kind == "reversal":
-                        event = await self.prepared(store, event)
-                    if event.ack is not None:
-                        acks.append(event.ack)
-                writes += self.apply(event)
+                if isinstance(event, CommandEvent) and event.kind == "reversal":
+                    event = await self.prepared(store, event)
+                events.append(event)
+            writes, acks = self._apply_batch(events)
             self.stats.batches += 1
-            await self._commit(store, on_commit)
+            done = await self._commit_or_hold(store, on_commit, events, (writes, acks))
+            if done is None:
+                return  # stopped while the store could not commit
+            writes, acks = done
             for ack in acks:
                 ack()
             await self._perform(store, writer, writes, on_commit)
             if stopping:
                 return
+
+    def _apply_batch(
+        self, events: Sequence[SignalEvent | SourceStatus | CommandEvent]
+    ) -> tuple[list[PlcWrite], list[Callable[[], None]]]:
+        writes: list[PlcWrite] = []
+        acks: list[Callable[[], None]] = []
+        for event in events:
+            if isinstance(event, CommandEvent) and event.ack is not None:
+                acks.append(event.ack)
+            writes += self.apply(event)
+        return writes, acks
+
+    async def _commit_or_hold(
+        self,
+        store: Store,
+        on_commit: Callable[[], None],
+        events: Sequence[SignalEvent | SourceStatus | CommandEvent],
+        done: tuple[list[PlcWrite], list[Callable[[], None]]],
+    ) -> tuple[list[PlcWrite], list[Callable[[], None]]] | None:
+        """Commit what ``events`` did; returns the PLC writes and command acks now owed:
+        ``done`` (what applying them returned) when the commit worked, those of applying them
+        again when it worked only after :meth:`_hold`, None when stopped meanwhile."""
+        try:
+            await self._commit(store, on_commit)
+        except StoreError as exc:
+            return await self._hold(store, on_commit, events, exc)
+        return done
+
+    async def _hold(
+        self,
+        store: Store,
+        on_commit: Callable[[], None],
+        events: Sequence[SignalEvent | SourceStatus | CommandEvent],
+        error: StoreError,
+    ) -> tuple[list[PlcWrite], list[Callable[[], None]]] | None:
+        """The store could not commit: forget what was applied, take no new work, retry.
+
+        The in-memory state goes back to the last commit (nothing may run ahead of the store),
+        no PLC acknowledge or MES command PUBACK is given for the batch, and the queue is not
+        drained meanwhile: the PLC's cumulative counters and its unacknowledged requests keep
+        the counts, the broker keeps the unacknowledged commands. After ``retry_interval``
+        (doubling up to ``MAX_STORE_RETRY_S``) the held ``events`` are applied again to the
+        committed state (the same sequence, so the same message ids) and committed with a
+        raised-and-resolved exception saying how long the store was down. None: :meth:`stop`
+        was called before it worked.
+        """
+        since = self.clock()
+        code = (
+            ExceptionCode.STORE_FULL
+            if isinstance(error, StoreFullError)
+            else ExceptionCode.STORE_WRITE_FAILED
+        )
+        wait = self._retry_interval
+        while True:
+            try:
+                await self._restore(store)
+            except StoreError as exc:  # the store unreadable too: wait, and try again
+                error = exc
+            if self.store_fault is None:
+                self.store_fault = {
+                    "code": code.value,
+                    "since": wire_time(since),
+                    "text": f"{error}: no new work is taken until the store can commit again "
+                    "(the PLC's counters keep the counts); retried every "
+                    f"{fmt(Decimal(str(self._retry_interval)))} s to "
+                    f"{fmt(Decimal(str(MAX_STORE_RETRY_S)))} s",
+                }
+                log.error(
+                    "store_commit_failed", code=code.value, error=str(error), held=len(events)
+                )
+                self._on_alarm()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._stopping.wait()
+                log.warning("engine_stopped_while_store_failing", held=len(events))
+                return None
+            except TimeoutError:
+                pass
+            writes, acks = self._apply_batch(events)
+            self._store_recovered(code, since)
+            try:
+                await self._commit(store, on_commit)
+            except StoreError as exc:
+                error = exc
+                wait = min(wait * 2, max(self._retry_interval, MAX_STORE_RETRY_S))
+                continue
+            log.info("store_committing_again", code=code.value, since=wire_time(since))
+            self.store_fault = None
+            self._on_alarm()
+            return writes, acks
+
+    def _store_recovered(self, code: ExceptionCode, since: datetime) -> None:
+        """The store-fault exception, raised and resolved, to commit with the held work."""
+        self._begin_step()
+        key = f"{code.value}/{wire_time(since)}"
+        self._exception(
+            None,
+            code,
+            Severity.ERROR,
+            f"the store could not commit from {wire_time(since)}"
+            + (" (its disk was full)" if code is ExceptionCode.STORE_FULL else "")
+            + ": no new work was taken meanwhile; the PLC's counters kept the counts",
+            None,
+            None,
+            details={"since": wire_time(since)},
+            open_key=key,
+        )
+        self._resolve(key, "the store commits again; what was counted meanwhile follows")
+
+    async def _restore(self, store: Store) -> None:
+        """Back to the state as last committed: whatever was applied since is forgotten.
+
+        The engine is rebuilt as :meth:`load` builds it at start-up (the same code path a
+        restart takes) and takes its place; only what is not the store's (the queue, the
+        sources' connection flags, the statistics) is kept."""
+        orders, initial_lots, master, master_doc = self._origin
+        doc = await store.get_masterdata("document", "masterdata")
+        if doc is not None and doc != master_doc:
+            master, master_doc = load_master_data(doc), doc
+        fresh = await Engine.load(
+            self.config, store, master, orders, initial_lots, self.clock, master_doc
+        )
+        keep = {"_queue", "connected", "stats", "store_fault", "_stopping", "_origin"}
+        keep |= {"_on_alarm", "_retry_interval"}
+        for name, value in vars(fresh).items():
+            if name not in keep:
+                setattr(self, name, value)
 
     async def _commit(self, store: Store, on_commit: Callable[[], None]) -> None:
         if not self._dirty and not self._outgoing:
@@ -717,7 +872,9 @@ class Engine:
                 self._dirty.add(f"wc/{w.work_centre}")
                 done = True
         if done:
-            await self._commit(store, on_commit)
+            # a failed commit here leaves the phase as committed: the acknowledge is written
+            # again (it is idempotent) once the store commits again
+            await self._commit_or_hold(store, on_commit, [], ([], []))
 
     async def prepared(self, store: Store, event: CommandEvent) -> CommandEvent:
         """A reversal with the posting it names, from the journal (or this uncommitted

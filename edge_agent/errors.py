@@ -56,3 +56,10 @@ class ConfigError(InvalidDocumentError):
 
 class StoreError(EdgeAgentError):
     """The durable store cannot be used (damaged, newer schema, disk full)."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full: nothing was written, and the store is intact.
+
+    Not a reason to distrust the store: the agent holds its work and retries once there is
+    space again (docs/durability.md)."""

@@ -100,6 +100,8 @@ class ExceptionCode(StrEnum):
     ORDER_CLOSED = "order_closed"  # counts for an order already closed: kept, not posted
     CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"  # skew beyond the limit: postings held
     COUNTER_JUMP = "counter_jump"  # a count rose implausibly fast: kept until the MES decides
+    STORE_FULL = "store_full"  # the store's disk was full: no new work taken meanwhile
+    STORE_WRITE_FAILED = "store_write_failed"  # the store could not commit (I/O): work held
 
 
 class Severity(StrEnum):
@@ -383,6 +385,15 @@ class OpenException(_Wire):
     text: str
 
 
+class StoreFault(_Wire):
+    """The store cannot commit (a full disk, an I/O error): the agent takes no new work and
+    retries; this alarm is in the status because it cannot go through the outbox."""
+
+    code: ExceptionCode
+    since: WireTime
+    text: str
+
+
 class StatusMessage(_Wire):
     """The retained ``{topic_base}/status``: the birth (online), updated every
     ``status_interval_s``, and the last will (offline, with no figures: the broker publishes it
@@ -405,6 +416,8 @@ class StatusMessage(_Wire):
     #: postings held while the clock is not trusted (not in the outbox yet)
     held_for_clock: int | None = None
     open_exceptions: tuple[OpenException, ...] = ()
+    #: set while the store cannot commit (no new work is taken meanwhile)
+    store_fault: StoreFault | None = None
 
 
 AnyMessage = (

@@ -28,9 +28,12 @@ one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
+import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,14 +43,17 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from edge_agent.errors import StoreError
+from edge_agent.errors import StoreError, StoreFullError
 
 SCHEMA_VERSION = 2
 GENESIS = "0" * 64
 SQLITE_HEADER = b"SQLite format 3\x00"
 RECOVERY = (
-    "restore a backup or move the file aside to start a new store (the PLC's cumulative "
-    "counters let the agent catch up); the agent never replaces a store it cannot trust"
+    "the file is left as it is: keep it (and any -wal beside it) for the audit, do not delete "
+    "it; restore a backup, or recover it into a new file (sqlite3 DAMAGED .recover | sqlite3 "
+    "NEW) and check that with edge-agent status, or start with a new store path and reconcile "
+    "with the MES (see docs/durability.md, 'A damaged store'); the agent never replaces a store "
+    "it cannot trust"
 )
 
 _SCHEMA = """
@@ -144,7 +150,9 @@ class Store:
         cls, path: Path, synchronous: Literal["FULL", "NORMAL"] = "FULL"
     ) -> AsyncIterator[Store]:
         """Open (or create) the store; refuse one that cannot be trusted."""
-        _check_header(path)
+        if not os.path.lexists(path):
+            await cls._create_new(path, synchronous)
+        _check_file(path)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -155,6 +163,33 @@ class Store:
             yield store
         finally:
             await db.close()
+
+    @classmethod
+    async def _create_new(cls, path: Path, synchronous: str) -> None:
+        """A new store appears complete or not at all: it is built beside ``path`` and renamed
+        into place, so an empty (or half-made) file at ``path`` is never the agent's own, and
+        is refused like any other damage rather than taken for a new store."""
+        building = path.with_name(path.name + ".creating")
+        for leftover in (building, Path(f"{building}-wal"), Path(f"{building}-shm")):
+            leftover.unlink(missing_ok=True)  # an interrupted creation: nothing in it yet
+        try:
+            async with aiosqlite.connect(building, isolation_level=None) as db:
+                await cls(db, building)._prepare(synchronous)
+            fd = os.open(building, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(building, path)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc, path) from exc
+            raise StoreError(f"store {str(path)!r} cannot be created: {exc}") from exc
 
     async def _prepare(self, synchronous: str) -> None:
         where = f"store {str(self.path)!r}"
@@ -204,6 +239,8 @@ class Store:
             for seq, digest in last:
                 self._audit_seq, self._audit_hash = int(seq), str(digest)
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                raise _translate(exc, self.path) from exc  # not damage: retry when there is space
             raise StoreError(f"{where} is damaged: {exc}; {RECOVERY}") from exc
 
     async def _use_wal(self, synchronous: str) -> None:
@@ -249,12 +286,22 @@ class Store:
                             seq, digest = await self._apply(op, args, seq, digest)
                     await self._db.execute("COMMIT")
                 except BaseException:
-                    await self._db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
             self._audit_seq, self._audit_hash = seq, digest
         self.commits += 1
+
+    async def _rollback(self) -> None:
+        """Roll back what is still open, keeping the error that got us here.
+
+        On some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, ...) SQLite has already rolled
+        the transaction back itself; a ROLLBACK then fails with "no transaction is active" and,
+        raised, would hide the real cause (a full disk reported as a rollback problem)."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
 
     async def _apply(
         self, op: str, args: tuple[Any, ...], seq: int, digest: str
@@ -308,7 +355,10 @@ class Store:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
+            try:
+                return list(await self._db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
 
     async def get_state(self, key: str) -> dict[str, Any] | None:
         rows = await self._fetch("SELECT value FROM state WHERE key = ?", (key,))
@@ -363,7 +413,7 @@ class Store:
                     )
                     await self._db.execute("COMMIT")
                 except BaseException:  # cancellation included: never leave a transaction open
-                    await self._db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path) from exc
@@ -396,18 +446,100 @@ class Store:
         return AuditReport(True, count)
 
 
-def _check_header(path: Path) -> None:
-    """A file that is not SQLite is refused before SQLite is let near it."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
+def _check_file(path: Path) -> None:
+    """What SQLite would not refuse, or would silently "repair", is refused before SQLite is let
+    near the file: not a file, empty, not SQLite, truncated, or a write-ahead log whose
+    committed transactions SQLite would discard (docs/durability.md)."""
+    where = f"store {str(path)!r}"
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise StoreError(f"{where} is {kind}, not a store file; {RECOVERY}")
+    size = path.stat().st_size
+    if size == 0:
+        raise StoreError(
+            f"{where} is empty (0 bytes): the agent creates a store whole, so an empty file is "
+            f"a store that lost its content, never taken for a new one; {RECOVERY}"
+        )
     with path.open("rb") as f:
-        header = f.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        raise StoreError(f"store {str(path)!r} is not an SQLite database; {RECOVERY}")
+        header = f.read(100)
+    if header[: len(SQLITE_HEADER)] != SQLITE_HEADER[: len(header)] or len(header) < len(
+        SQLITE_HEADER
+    ):
+        if header.startswith(SQLITE_HEADER[: len(header)]):
+            raise StoreError(f"{where} is truncated inside its header ({size} bytes); {RECOVERY}")
+        raise StoreError(f"{where} is not an SQLite database; {RECOVERY}")
+    if len(header) < 100:
+        raise StoreError(f"{where} is truncated inside its header ({size} bytes); {RECOVERY}")
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        _check_wal(wal)
+        return  # the main file's size is the WAL's to settle (a checkpoint in progress)
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if size % page_size:
+        raise StoreError(
+            f"{where} is truncated mid-page: {size} bytes is not a whole number of "
+            f"{page_size}-byte pages; {RECOVERY}"
+        )
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and pages > size // page_size:
+        raise StoreError(
+            f"{where} is truncated: it holds {size // page_size} of its {pages} pages; {RECOVERY}"
+        )
+
+
+_WAL_MAGIC = {0x377F0682: "<", 0x377F0683: ">"}
+
+
+def _wal_checksum(data: bytes, order: str, s1: int, s2: int) -> tuple[int, int]:
+    for x0, x1 in struct.iter_unpack(f"{order}II", data):
+        s1 = (s1 + x0 + s2) & 0xFFFFFFFF
+        s2 = (s2 + x1 + s1) & 0xFFFFFFFF
+    return s1, s2
+
+
+def _check_wal(wal: Path) -> None:
+    """Refuse a write-ahead log SQLite would silently cut short of committed transactions.
+
+    On opening, SQLite replays the WAL up to its first frame that fails its checksum and
+    discards the rest: right for the torn tail a crash leaves (an uncommitted transaction), a
+    silent loss when the bad frame is damage with committed transactions after it, or when the
+    WAL header itself is garbage (every transaction in it). A WAL shorter than its header, a
+    torn tail, and the frames of an earlier generation (other salts) are crash recovery."""
+    where = f"write-ahead log {str(wal)!r}"
+    data = wal.read_bytes()
+    if len(data) < 32:
+        return  # a header never completed: nothing was committed in it
+    magic, _version, page_size, _seq, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:32])
+    order = _WAL_MAGIC.get(magic)
+    valid_size = page_size >= 512 and page_size & (page_size - 1) == 0
+    if order is None or not valid_size or _wal_checksum(data[:24], order, 0, 0) != (c1, c2):
+        if len(data) >= 32 + 24 + 512:
+            raise StoreError(
+                f"{where} has a damaged header: SQLite would discard every transaction in it; "
+                f"{RECOVERY}"
+            )
+        return
+    frame = 24 + page_size
+    seed = (c1, c2)  # each frame's checksum continues from the one stored before it
+    bad: int | None = None  # the first frame SQLite would stop at
+    for number, offset in enumerate(range(32, len(data) - frame + 1, frame), start=1):
+        head = data[offset : offset + 24]
+        commit, fsalt1, fsalt2, f1, f2 = struct.unpack(">4x5I", head)
+        ours = (fsalt1, fsalt2) == (salt1, salt2)  # other salts: an older generation's frame
+        valid = ours and _wal_checksum(head[:8] + data[offset + 24 : offset + frame], order, *seed)
+        if valid != (f1, f2):
+            bad = number if bad is None else bad
+        elif bad is not None and commit:
+            raise StoreError(
+                f"{where} is damaged at frame {bad}: SQLite would silently discard the "
+                f"committed transactions after it; {RECOVERY}"
+            )
+        seed = (f1, f2)
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     text = str(exc)
-    if "full" in text.lower():
-        return StoreError(f"the disk holding store {str(path)!r} is full: {text}")
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in text.lower():
+        return StoreFullError(f"the disk holding store {str(path)!r} is full: {text}")
     return StoreError(f"store {str(path)!r}: {text}")

@@ -21,6 +21,7 @@ from edge_agent.config import load_config
 from edge_agent.engine import Engine
 from edge_agent.sources import Quality, SignalEvent
 from edge_agent.store import Store, UnitOfWork
+from tests import test_store
 from tests.test_config import SECTION_ERRORS, example
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -104,6 +105,36 @@ def test_run_refuses_a_store_it_cannot_trust_and_leaves_it_alone(
     assert str(store) in err
     assert "not an SQLite database" in err
     assert store.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        pytest.param(test_store.truncated_at(lambda size, page: 3 * page, ""), id="truncated"),
+        pytest.param(lambda p: test_store.garbage_over_page(p, 6), id="garbage-page"),
+        pytest.param(test_store.empty_file, id="zero-length"),
+        pytest.param(test_store.directory, id="a-directory"),
+        pytest.param(test_store.wal_frame_garbage, id="damaged-wal"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_damaged_store_stops_run_and_status_with_exit_3_and_the_recovery_path(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    make_bad: Callable[[Path], Any],
+) -> None:
+    store = tmp_path / "agent.db"
+    asyncio.run(make_bad(store))
+    config = write_config(tmp_path, runnable(tmp_path))
+    before = test_store.files_in(tmp_path)
+    assert main([command, str(config)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1  # one clear message
+    assert str(store) in err
+    assert "keep it" in err
+    assert "docs/durability.md" in err
+    assert test_store.files_in(tmp_path) == before  # byte for byte, -wal included
 
 
 def test_status_shows_the_store_and_a_broken_audit_chain(

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import random
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
@@ -66,8 +69,11 @@ def outbox_ids(path: Path) -> list[str]:
     return [str(r[0]) for r in sql(path, "SELECT message_id FROM outbox ORDER BY seq")]
 
 
-def files_in(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+def files_in(directory: Path) -> dict[str, bytes | list[str]]:
+    return {
+        p.name: p.read_bytes() if p.is_file() else sorted(x.name for x in p.iterdir())
+        for p in sorted(directory.iterdir())
+    }
 
 
 async def fill(path: Path, count: int = 300) -> None:
@@ -479,8 +485,93 @@ async def index_mismatch(path: Path) -> str:
     return "fails its integrity check"
 
 
+def truncated_at(
+    offset: Callable[[int, int], int], message: str
+) -> Callable[[Path], Awaitable[str]]:
+    """A store cut at ``offset(size, page_size)`` bytes (a copy that stopped, a lost tail)."""
+
+    async def make(path: Path) -> str:
+        await fill(path)
+        page_size = sql(path, "PRAGMA page_size")[0][0]
+        os.truncate(path, offset(path.stat().st_size, page_size))
+        return message
+
+    return make
+
+
+async def garbage_over_page(path: Path, page: int) -> str:
+    await fill(path)
+    page_size = sql(path, "PRAGMA page_size")[0][0]
+    with path.open("r+b") as f:
+        f.seek((page - 1) * page_size + (100 if page == 1 else 0))  # page 1: after the header
+        f.write(random.Random(page).randbytes(page_size - (100 if page == 1 else 0)))
+    assert_really_damaged(path)
+    return "is damaged: database disk image is malformed"
+
+
+async def empty_file(path: Path) -> str:
+    path.write_bytes(b"")
+    return r"is empty \(0 bytes\)"
+
+
+async def directory(path: Path) -> str:
+    path.mkdir()
+    (path / "inside").write_text("something")
+    return "is a directory"
+
+
+async def crashed_with_wal(path: Path) -> Path:
+    """A store as a kill -9 leaves it: committed transactions still in its -wal (copied while
+    the store is open, so nothing was checkpointed)."""
+    source = path.parent / "running"
+    source.mkdir()
+    async with Store.open(source / "agent.db") as s:
+        await s.commit_units([msg_unit(*(f"a-{i}" for i in range(50)))])
+        for i in range(20):
+            await s.commit_units([msg_unit(f"b-{i}")])
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{source / 'agent.db'}{suffix}", f"{path}{suffix}")
+    shutil.rmtree(source)
+    return Path(f"{path}-wal")
+
+
+async def wal_header_garbage(path: Path) -> str:
+    wal = await crashed_with_wal(path)
+    with wal.open("r+b") as f:
+        f.write(random.Random(1).randbytes(32))
+    return "write-ahead log .*-wal' has a damaged header"
+
+
+async def wal_frame_garbage(path: Path) -> str:
+    wal = await crashed_with_wal(path)
+    with wal.open("r+b") as f:
+        f.seek(wal.stat().st_size // 3)
+        f.write(random.Random(2).randbytes(4096))
+    return "write-ahead log .*-wal' is damaged at frame"
+
+
 BadFile = Callable[[Path], Awaitable[str]]
 BAD_FILES = [
+    pytest.param(
+        truncated_at(lambda size, page: 50, "truncated inside its header"), id="cut-in-header"
+    ),
+    pytest.param(
+        truncated_at(lambda size, page: 3 * page + 1000, "truncated mid-page"), id="cut-mid-page"
+    ),
+    pytest.param(
+        truncated_at(lambda size, page: 3 * page, "truncated: it holds 3 of its"),
+        id="cut-at-page-boundary",
+    ),
+    pytest.param(
+        truncated_at(lambda size, page: size - page, "truncated: it holds"), id="last-page-lost"
+    ),
+    pytest.param(lambda p: garbage_over_page(p, 6), id="garbage-over-a-middle-page"),
+    pytest.param(lambda p: garbage_over_page(p, 1), id="garbage-after-the-header"),
+    pytest.param(lambda p: garbage_over_page(p, 2), id="garbage-over-page-2"),
+    pytest.param(empty_file, id="zero-length"),
+    pytest.param(directory, id="a-directory"),
+    pytest.param(wal_header_garbage, id="wal-header-garbage"),
+    pytest.param(wal_frame_garbage, id="wal-frame-garbage"),
     pytest.param(not_sqlite, id="not-sqlite"),
     pytest.param(newer_schema, id="newer-schema"),
     pytest.param(foreign_db, id="foreign-db"),
@@ -509,12 +600,37 @@ async def test_refused_file_is_left_untouched(tmp_path: Path, make_bad: BadFile)
     path = tmp_path / "agent.db"
     await make_bad(path)
     before = files_in(tmp_path)
-    assert list(before) == ["agent.db"]
+    assert set(before) <= {"agent.db", "agent.db-wal"}
     for _ in range(2):  # a restart loop must not wear it down either
         with pytest.raises(StoreError):
             async with Store.open(path):
                 pass
     assert files_in(tmp_path) == before
+
+
+@pytest.mark.asyncio
+async def test_a_torn_wal_tail_is_crash_recovery_not_damage(tmp_path: Path) -> None:
+    """The tail of the WAL cut off (a write torn by a crash): SQLite drops the incomplete last
+    transaction and keeps every one before it; the agent opens the store."""
+    path = tmp_path / "agent.db"
+    wal = await crashed_with_wal(path)
+    os.truncate(wal, wal.stat().st_size - 1000)
+    async with Store.open(path) as s:
+        assert await s.outbox_depth() == 69  # all but the torn last commit
+        assert (await s.verify_audit()).ok
+
+
+@pytest.mark.asyncio
+async def test_a_new_store_is_never_left_as_an_empty_file(tmp_path: Path) -> None:
+    """The store is built beside its path and renamed in: a start interrupted while creating
+    it leaves no empty file at the path (which the next start would refuse)."""
+    path = tmp_path / "agent.db"
+    (tmp_path / "agent.db.creating").write_bytes(b"")  # an interrupted earlier creation
+    async with Store.open(path) as s:
+        assert await s.outbox_depth() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.db"]
+    async with Store.open(path) as s:  # and it opens as the agent's store
+        assert await s.outbox_depth() == 0
 
 
 @pytest.mark.asyncio

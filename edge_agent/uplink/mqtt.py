@@ -46,7 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
 from edge_agent.config import Config
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.messages import StatusMessage
 
 log = structlog.get_logger(__name__)
@@ -121,6 +121,7 @@ class MqttUplink:
         self.connect_failures = 0  # attempts since the last successful connect
         self._v5 = config.mqtt.protocol == "5"
         self._status_wake = asyncio.Event()
+        self._ack_failing = False
         if self._v5:
             self._client = mqtt.Client(
                 CallbackAPIVersion.VERSION2,
@@ -181,6 +182,10 @@ class MqttUplink:
     def notify(self) -> None:
         """New rows are in the outbox: wake the pump."""
         self._wake.set()
+
+    def status_changed(self) -> None:
+        """Something the status shows changed (a store fault): publish it now."""
+        self._status_wake.set()
 
     @property
     def connected(self) -> bool:
@@ -278,13 +283,34 @@ class MqttUplink:
             raise _Reconnected
 
     async def _flush_acks(self) -> None:
+        """Delete what was acknowledged. A store that cannot commit (a full disk) keeps the
+        rows: they are deleted once it can (until then a restart would send them again, with
+        the same ids), and publishing goes on meanwhile."""
         if self._acked:
             done, self._acked = self._acked, []
-            await self._outbox.acknowledge(done)
+            try:
+                await self._outbox.acknowledge(done)
+            except StoreError as exc:
+                self._acked = done + self._acked
+                self._acknowledge_failed(exc)
+                return
             self.published += len(done)
         if self._acked_ids:
             ids, self._acked_ids = self._acked_ids, []
-            self.published += await self._outbox.acknowledge_ids(ids)
+            try:
+                self.published += await self._outbox.acknowledge_ids(ids)
+            except StoreError as exc:
+                self._acked_ids = ids + self._acked_ids
+                self._acknowledge_failed(exc)
+                return
+        if self._ack_failing:
+            self._ack_failing = False
+            log.info("outbox_acknowledge_recovered")
+
+    def _acknowledge_failed(self, exc: StoreError) -> None:
+        if not self._ack_failing:  # once per fault, not once per try
+            self._ack_failing = True
+            log.error("outbox_acknowledge_failed", error=str(exc))
 
     def _mes_ack_overdue(self) -> bool:
         assert self._loop is not None

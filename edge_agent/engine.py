@@ -55,6 +55,7 @@ from edge_agent.config import (
     ModbusFlow,
     SourceConfig,
 )
+from edge_agent.crashpoints import crash_point
 from edge_agent.domain.backflush import (
     RULE_VERSION,
     ComponentPosting,
@@ -841,6 +842,7 @@ class Engine:
         uow = UnitOfWork()
         n = self.stage(uow)
         await store.commit_units([uow])
+        crash_point("engine.after_commit")
         if n:
             on_commit()
 
@@ -856,7 +858,9 @@ class Engine:
         done = False
         for w in writes:
             try:
+                crash_point("engine.before_plc_ack")
                 await writer.write(w.source, w.signal, w.value)
+                crash_point("engine.after_plc_ack")
                 ok = True
                 self.stats.acks_written += 1
             except SignalError as exc:

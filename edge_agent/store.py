@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from edge_agent.crashpoints import crash_point
 from edge_agent.errors import StoreError, StoreFullError
 
 SCHEMA_VERSION = 2
@@ -284,6 +285,7 @@ class Store:
                     for unit in units:
                         for op, args in unit.ops:
                             seq, digest = await self._apply(op, args, seq, digest)
+                    crash_point("store.before_commit")
                     await self._db.execute("COMMIT")
                 except BaseException:
                     await self._rollback()

@@ -46,6 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
 from edge_agent.config import Config
+from edge_agent.crashpoints import crash_point
 from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.messages import StatusMessage
 
@@ -256,6 +257,7 @@ class MqttUplink:
                 continue
             for row in rows:
                 info = self._client.publish(row.topic, row.payload, qos=1)
+                crash_point("uplink.after_publish")
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     raise _Reconnected  # not connected any more: wait and start again
                 self._inflight[info.mid] = row
@@ -286,6 +288,8 @@ class MqttUplink:
         """Delete what was acknowledged. A store that cannot commit (a full disk) keeps the
         rows: they are deleted once it can (until then a restart would send them again, with
         the same ids), and publishing goes on meanwhile."""
+        if self._acked or self._acked_ids:
+            crash_point("uplink.before_outbox_delete")
         if self._acked:
             done, self._acked = self._acked, []
             try:

@@ -73,6 +73,7 @@ from edge_agent.domain.counters import (
     HandshakeAction,
     HandshakePhase,
     after,
+    clearing,
     implausible,
     on_request,
     quantity,
@@ -254,6 +255,8 @@ class WorkCentreState:
     counters: dict[str, CounterState] = field(default_factory=dict)
     handshake: HandshakePhase = HandshakePhase.IDLE
     request: bool | None = None  # the last value of complete_request seen
+    #: the acknowledge tag as last written by the agent or read from the PLC
+    ack: bool | None = None
     complete_good: int | None = None
     complete_scrap: int | None = None
     weight: Decimal | None = None
@@ -276,6 +279,7 @@ class WorkCentreState:
             },
             "handshake": self.handshake.value,
             "request": self.request,
+            "ack": self.ack,
             "complete_good": self.complete_good,
             "complete_scrap": self.complete_scrap,
             "weight": str(self.weight) if self.weight is not None else None,
@@ -299,6 +303,7 @@ class WorkCentreState:
             },
             handshake=HandshakePhase(d.get("handshake", "idle")),
             request=d.get("request"),
+            ack=d.get("ack"),
             complete_good=d.get("complete_good"),
             complete_scrap=d.get("complete_scrap"),
             weight=parse_decimal(d["weight"]) if d.get("weight") is not None else None,
@@ -682,7 +687,14 @@ class Engine:
                 async with asyncio.timeout(retry_interval):
                     first = await self._queue.get()
             except TimeoutError:
-                await self._perform(store, writer, self.retry_acknowledges(), on_commit)
+                writes = self.retry_acknowledges()
+                # a clear is written ahead: its IDLE is committed before the write
+                if (
+                    self._dirty
+                    and await self._commit_or_hold(store, on_commit, [], ([], [])) is None
+                ):
+                    return
+                await self._perform(store, writer, writes, on_commit)
                 continue
             batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():
@@ -870,6 +882,10 @@ class Engine:
                     "handshake_ack_failed", work_centre=w.work_centre, value=w.value, error=str(exc)
                 )
             wc = self.work_centres[w.work_centre]
+            if ok and wc.ack is not w.value:
+                wc.ack = bool(w.value)
+                self._dirty.add(f"wc/{w.work_centre}")
+                done = True
             phase = after(wc.handshake, w.action, written=ok)
             if phase is not wc.handshake:
                 wc.handshake = phase
@@ -901,7 +917,9 @@ class Engine:
             wc = self.work_centres.get(source.work_centre)
             if wc is None or wc.request is None:
                 continue
-            action = on_request(wc.handshake, wc.request)
+            action = on_request(wc.handshake, wc.request, wc.ack)
+            if action is HandshakeAction.CLEAR_ACK:
+                self._clear_ahead(source, wc)
             if action in (HandshakeAction.WRITE_ACK, HandshakeAction.CLEAR_ACK):
                 writes.append(self._ack(source, action))
         return writes
@@ -1037,6 +1055,9 @@ class Engine:
     ) -> list[PlcWrite]:
         signal, key = event.signal, f"wc/{source.work_centre}"
         sigs = source.signals
+        handshake = {"complete_request": self._request, "complete_ack": self._ack_read}
+        if signal in handshake:
+            return handshake[signal](source, wc, event)
         if signal == "order":
             self._order_changed(source, wc, event)
         elif signal in ("good", "scrap"):
@@ -1064,8 +1085,6 @@ class Engine:
                 raise SignalError(f"a quantity cannot be negative (got {value})")
             setattr(wc, signal, value)
             self._dirty.add(key)
-        elif signal == "complete_request":
-            return self._request(source, wc, event)
         elif signal in {"scale.weight", "scale.tare"}:
             assert sigs.scale is not None
             reading = round_to_increment(Fraction(_decimal(event)), sigs.scale.resolution, _HALF_UP)
@@ -1073,7 +1092,6 @@ class Engine:
             self._dirty.add(key)
         elif signal == "scale.stable":
             self._stable(source, wc, event)
-        # complete_ack is the agent's own tag: nothing to do
         return []
 
     def _stable(self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent) -> None:
@@ -1158,9 +1176,11 @@ class Engine:
         if wc.request is not request:
             wc.request = request
             self._dirty.add(f"wc/{source.work_centre}")
-        action = on_request(wc.handshake, request)
+        action = on_request(wc.handshake, request, wc.ack)
         if action is HandshakeAction.NONE:
             return []
+        if action is HandshakeAction.CLEAR_ACK:
+            self._clear_ahead(source, wc)
         if action is HandshakeAction.PROCESS:
             self._feed_boundary(source, wc, event.source_time or event.received_at)
             good, scrap = Decimal(wc.complete_good or 0), Decimal(wc.complete_scrap or 0)
@@ -1169,6 +1189,28 @@ class Engine:
             self._dirty.add(f"wc/{source.work_centre}")
             action = HandshakeAction.WRITE_ACK
         return [self._ack(source, action)]
+
+    def _ack_read(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent
+    ) -> list[PlcWrite]:
+        """The acknowledge tag as the PLC shows it: one left high with no request is cleared."""
+        ack = _bool(event)
+        if wc.ack is not ack:
+            wc.ack = ack
+            self._dirty.add(f"wc/{source.work_centre}")
+        if wc.request is False and on_request(wc.handshake, False, ack) is (
+            HandshakeAction.CLEAR_ACK
+        ):
+            self._clear_ahead(source, wc)
+            return [self._ack(source, HandshakeAction.CLEAR_ACK)]
+        return []
+
+    def _clear_ahead(self, source: SourceConfig, wc: WorkCentreState) -> None:
+        """Commit IDLE with the batch, before the acknowledge is cleared (write-ahead)."""
+        phase = clearing(wc.handshake, HandshakeAction.CLEAR_ACK)
+        if phase is not wc.handshake:
+            wc.handshake = phase
+            self._dirty.add(f"wc/{source.work_centre}")
 
     def _ack(self, source: SourceConfig, action: HandshakeAction) -> PlcWrite:
         return PlcWrite(

@@ -311,6 +311,87 @@ async def test_handshake_is_processed_once_and_acknowledged_after_the_commit(
     ]
 
 
+async def acknowledged_request(
+    engine: Engine, store: Store, line: Line, writer: Writer, good: int
+) -> None:
+    """Request with ``good`` units processed, committed and acknowledged, as the run loop does."""
+    engine.apply(line.event("FILL-1", "complete_good", good))
+    engine.apply(line.event("FILL-1", "complete_scrap", 0))
+    writes = engine.apply(line.event("FILL-1", "complete_request", True))
+    await commit(engine, store)
+    await engine._perform(store, writer, writes, lambda: None)
+    assert engine.work_centres["FILL-1"].handshake is HandshakePhase.ACKNOWLEDGED
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("device_time", [True, False], ids=["opcua", "modbus"])
+async def test_the_acknowledge_is_cleared_write_ahead_so_the_next_request_is_never_taken_for_it(
+    tmp_path: Path, store: Store, device_time: bool
+) -> None:
+    """Found by the fault suite (crash point engine.after_plc_ack): the agent cleared the
+    acknowledge of request N and died before committing that; the PLC raised N+1; the restarted
+    agent, its committed phase saying N was not finished, took N+1 for N and acknowledged it
+    unposted (a lost posting). The phase IDLE is now committed before the clear is written."""
+    clock = Clock()
+    line = Line(clock)
+    config = make_config(tmp_path)
+    engine = await load(config, store, clock)
+    writer = Writer()
+    engine.apply(line.event("FILL-1", "order", "WO-7"))
+    await acknowledged_request(engine, store, line, writer, 10)
+    writes = engine.apply(line.event("FILL-1", "complete_request", False))
+    assert [(w.signal, w.value) for w in writes] == [("complete_ack", False)]
+    assert engine.work_centres["FILL-1"].handshake is HandshakePhase.IDLE  # before the write
+    await commit(engine, store)
+    await engine._perform(store, writer, writes, lambda: None)  # written; then the agent dies
+
+    again = await load(config, store, clock)
+    assert again.work_centres["FILL-1"].handshake is HandshakePhase.IDLE
+    # the PLC saw the acknowledge low and raised request N+1; read after the restart
+    for signal, value in (("complete_good", 20), ("complete_scrap", 1)):
+        again.apply(replace(line.event("FILL-1", signal, value), device_time=device_time))
+    request = line.event("FILL-1", "complete_request", True, origin=Origin.READ)
+    writes = again.apply(replace(request, device_time=device_time))
+    assert [(w.signal, w.value) for w in writes] == [("complete_ack", True)]
+    await commit(again, store)
+    assert consumed(await outbox(store)) == expected("WO-7", "20", 30, 1)
+
+
+@pytest.mark.asyncio
+async def test_an_acknowledge_left_high_in_idle_is_cleared_again(
+    tmp_path: Path, store: Store
+) -> None:
+    """The agent committed IDLE and died before clearing the acknowledge: the PLC, its request
+    dropped, waits for the acknowledge to go low. The restart clears it (nothing is posted)."""
+    clock = Clock()
+    line = Line(clock)
+    config = make_config(tmp_path)
+    engine = await load(config, store, clock)
+    writer = Writer()
+    engine.apply(line.event("FILL-1", "order", "WO-7"))
+    await acknowledged_request(engine, store, line, writer, 10)
+    engine.apply(line.event("FILL-1", "complete_request", False))
+    await commit(engine, store)  # IDLE committed; the clear never written
+    posted = len(await outbox(store))
+
+    again = await load(config, store, clock)
+    writes = again.apply(line.event("FILL-1", "complete_request", False, origin=Origin.READ))
+    writes += again.apply(line.event("FILL-1", "complete_ack", True, origin=Origin.READ))
+    assert {(w.signal, w.value) for w in writes} == {("complete_ack", False)}
+    writer.down = True  # and the write fails: it is retried once the PLC is back
+    await again._perform(store, writer, writes, lambda: None)
+    writer.down = False
+    retry = again.retry_acknowledges()
+    assert [(w.signal, w.value) for w in retry] == [("complete_ack", False)]
+    await again._perform(store, writer, retry, lambda: None)
+    assert writer.writes == [
+        ("fill-plc", "complete_ack", True),
+        ("fill-plc", "complete_ack", False),
+    ]
+    assert again.retry_acknowledges() == []
+    assert len(await outbox(store)) == posted
+
+
 @pytest.mark.asyncio
 async def test_an_unknown_order_is_kept_and_posted_once_known(tmp_path: Path, store: Store) -> None:
     clock = Clock()

@@ -176,12 +176,21 @@ class HandshakeAction(StrEnum):
     CLEAR_ACK = "clear_ack"  # the PLC dropped its request: clear the acknowledge tag
 
 
-def on_request(phase: HandshakePhase, request: bool) -> HandshakeAction:
-    """What to do when the PLC's request tag is seen with this value.
+def on_request(phase: HandshakePhase, request: bool, ack: bool | None = None) -> HandshakeAction:
+    """What to do when the PLC's request tag is seen with this value (``ack``: the acknowledge
+    tag as last written or read, None when not known).
 
     A request is processed once: seen again (a duplicate notification, a re-read after a
     reconnect, a restart after the commit but before the acknowledge) it only has its
     acknowledge (re)written, because the phase committed with its result says it was processed.
+
+    Clearing is write-ahead: the caller commits the phase IDLE *before* it clears the
+    acknowledge (:func:`clearing`). The PLC raises its next request only once it sees the
+    acknowledge low, so a request seen while the committed phase is not IDLE is always the one
+    already processed, whatever the agent went through (a restart after the acknowledge was
+    cleared but before that was committed would otherwise take the next request for it and
+    acknowledge it unposted). An acknowledge left high in IDLE with no request (the agent
+    stopped between that commit and the write) is cleared again: clearing never posts.
     """
     if request:
         if phase is HandshakePhase.IDLE:
@@ -190,8 +199,14 @@ def on_request(phase: HandshakePhase, request: bool) -> HandshakeAction:
             return HandshakeAction.WRITE_ACK
         return HandshakeAction.NONE
     if phase is HandshakePhase.IDLE:
-        return HandshakeAction.NONE
+        return HandshakeAction.CLEAR_ACK if ack else HandshakeAction.NONE
     return HandshakeAction.CLEAR_ACK
+
+
+def clearing(phase: HandshakePhase, action: HandshakeAction) -> HandshakePhase:
+    """The phase to commit before ``action`` is written: IDLE before an acknowledge is
+    cleared (write-ahead, see :func:`on_request`), else the phase as it is."""
+    return HandshakePhase.IDLE if action is HandshakeAction.CLEAR_ACK else phase
 
 
 def after(phase: HandshakePhase, action: HandshakeAction, written: bool = True) -> HandshakePhase:

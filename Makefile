@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean faults faults-full
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the fault suite: faults injected while the line runs, a table of what was lost or doubled
+faults: $(STAMP)
+	$(BIN)/python -m simulators.faults
+
+faults-full: $(STAMP)
+	$(BIN)/python -m simulators.faults --full --json faults-full.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -421,6 +421,24 @@ class LinePlc:
             raise ValueError(f"{signal} is {variable.width} bits wide: {raw} does not fit")
         await self._set(variable, raw)
 
+    async def replay_late(self, work_centre: str, signal: str, behind: int = 1) -> bool:
+        """A re-ordered and a duplicated notification of a counter, counting nothing: first the
+        value ``behind`` counts lower, stamped just before the current value (a notification
+        that arrives late), then the current value again with a new stamp (a duplicate).
+        False (nothing written) when the counter is below ``behind``."""
+        wc = self._wc(work_centre)
+        if signal not in COUNTERS:
+            raise ValueError(f"{signal!r} is not a counter ({', '.join(COUNTERS)})")
+        variable = self._var(wc, signal)
+        current, stamp = int(variable.value), variable.stamp
+        if current < behind:
+            return False
+        variable.value, variable.stamp = current - behind, stamp - _TICK
+        await self._publish(variable)
+        variable.value, variable.stamp = current, self._stamp()
+        await self._publish(variable)
+        return True
+
     async def weigh(self, work_centre: str, gross: Decimal, tare: Decimal = Decimal(0)) -> None:
         """A weighing: stable drops, gross and tare are written, stable rises (the agent takes
         the weighing on that rising edge)."""

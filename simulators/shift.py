@@ -203,6 +203,8 @@ class AgentProcess:
         self.config_path = config_path
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        #: added to this process's environment for the next start
+        self.env: dict[str, str] = {}
         self.starts = 0
         self._mark = 0  # where this start's log begins
 
@@ -210,7 +212,7 @@ class AgentProcess:
         assert self.process is None
         self._mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "edge_agent", "run", str(self.config_path)),
@@ -247,15 +249,19 @@ class AgentProcess:
         async with asyncio.timeout(timeout):
             while True:
                 self.check()
-                with self.log_path.open("rb") as f:
-                    f.seek(self._mark)
-                    log = f.read()
+                log = self.last_log()
                 seen = log.count(b'"event": "opcua_connected"') + log.count(
                     b'"event": "modbus_connected"'
                 )
                 if seen >= sources:
                     return
                 await asyncio.sleep(0.05)
+
+    def last_log(self) -> bytes:
+        """What this start of the agent has logged so far."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._mark)
+            return f.read()
 
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:

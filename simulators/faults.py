@@ -67,8 +67,6 @@ Rig = Literal["standard", "rollover-16", "rollover-32"]
 #: units of each generated work order, and units per production step
 ORDER_UNITS = 60
 BATCH = 6
-#: the water meter's time slice on the rigs, seconds
-SLICE_S = 2
 #: the lot in the mixer's water tank (config/lots.json)
 FEED_LOT = "TANK-2-2611"
 #: work orders in the orders document: more than any run gets through
@@ -493,10 +491,6 @@ def _configure(
     orders_path, lots_path = _documents(workdir, orders, kind.rig)
     data["masterdata"].update(orders=str(orders_path), lots=str(lots_path))
     data["mqtt"].update(keepalive_s=KEEPALIVE_S, mes_ack_timeout_s=2.0)
-    for source in data["sources"]:
-        flow = source["signals"].get("flow")
-        if flow is not None:
-            flow["slice_s"] = SLICE_S  # the last slice closes soon after the line stops
     if kind.rig != "standard":
         # the PLC keeps counting across orders: the wrap is what is under test
         width = 16 if kind.rig == "rollover-16" else 32

@@ -56,6 +56,8 @@ from simulators.opcua_plc import LinePlc, Tally
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 MIX, FILL = "MIX-1", "FILL-1"
+#: the water meter's time slice in a shift's configuration (config/line.toml has 10 s)
+SHIFT_SLICE_S = 2
 #: the water tank's lots in config/lots.json, for a shift that switches tanks
 DEMO_FEED_LOTS: tuple[str, ...] = ("TANK-2-2611", "TANK-2-2612", "TANK-2-2613")
 
@@ -186,6 +188,10 @@ def agent_config(
         "lots": str(CONFIG_DIR / "lots.json"),
     }
     for source in data["sources"]:
+        flow = source["signals"].get("flow")
+        if flow is not None:
+            # a short shift: its last water slice closes a moment after the line stops
+            flow["slice_s"] = SHIFT_SLICE_S
         if kind == "opcua":
             source["endpoint"] = f"opc.tcp://127.0.0.1:{plc_port}/edge-agent/sim/"
         else:

@@ -58,7 +58,15 @@ from simulators.mes import MesSimulator
 from simulators.modbus_plc import ModbusPlc
 from simulators.mosquitto import Bridge, Broker, has_mosquitto
 from simulators.opcua_plc import LinePlc
-from simulators.shift import CONFIG_DIR, FILL, MIX, AgentProcess, SourceKind, agent_config
+from simulators.shift import (
+    CONFIG_DIR,
+    FILL,
+    MIX,
+    AgentProcess,
+    SourceKind,
+    _lag_s,
+    agent_config,
+)
 from simulators.shift import expected_consumption as theoretical_consumption
 
 Plc = LinePlc | ModbusPlc
@@ -97,6 +105,9 @@ class Line:
     #: faults injected, by kind
     injected: Counter[str] = field(default_factory=Counter)
     armed: bool = True
+    #: a fault asks production to power-cycle the PLC with its memory reset, between two steps
+    reset_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    reset_done: asyncio.Event = field(default_factory=asyncio.Event)
     #: held while the agent is being (re)started, by a fault or by the supervisor
     restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
     _crashed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -230,6 +241,16 @@ async def plc_restart(line: Line) -> int:
     return 1
 
 
+async def plc_reset_new_order(line: Line) -> int:
+    """A PLC power cycle that loses its memory (counters zero, no order), then the next order:
+    done by production between two steps, as a line would restart."""
+    line.reset_done.clear()
+    line.reset_wanted.set()
+    async with asyncio.timeout(240):
+        await line.reset_done.wait()
+    return 1
+
+
 async def plc_drop(line: Line) -> int:
     """The network to the PLC is cut (every connection closed); the agent reconnects, reads every
     node again (duplicated notifications of everything) and subscribes again."""
@@ -305,6 +326,11 @@ FAULTS: dict[str, FaultKind] = {
             )
         ),
         FaultKind("plc-restart", "OPC UA server power cycle, counters kept", plc_restart),
+        FaultKind(
+            "plc-reset-new-order",
+            "OPC UA server power cycle, memory lost, then a new order",
+            plc_reset_new_order,
+        ),
         FaultKind("plc-drop", "OPC UA connections cut", plc_drop, gap=(0.2, 1.0)),
         FaultKind(
             "late-notification",
@@ -351,6 +377,7 @@ MIXED_WEIGHTS: tuple[tuple[str, Inject, int], ...] = (
     ("bridge-cut", bridge_cut, 3),
     ("agent-kill", agent_kill, 3),
     ("plc-restart", plc_restart, 2),
+    ("plc-reset-new-order", plc_reset_new_order, 1),
     ("plc-drop", plc_drop, 2),
     ("late-notification", late_notifications, 4),
     ("mes-offline", mes_offline, 2),
@@ -529,7 +556,21 @@ async def _produce(line: Line, stop: asyncio.Event, rig: Rig, orders: int = ORDE
             await asyncio.sleep(0.05)
             if stop.is_set():
                 return made
+            if line.reset_wanted.is_set():
+                await _reset_plc(line)
+                break  # on to the next order
     return made
+
+
+async def _reset_plc(line: Line) -> None:
+    """Power-cycle the PLC with its memory reset; the water tank's lot is shown again and
+    given the meter's hold-up time before the line runs on (so no water is metered with no lot
+    in the feed)."""
+    await line.plc.restart(reset=True)
+    await line.plc.change_lot(MIX, FEED_LOT)
+    await asyncio.sleep(float(_lag_s(line.config)) + 0.5)
+    line.reset_wanted.clear()
+    line.reset_done.set()
 
 
 async def _preset_near_wrap(plc: Plc, width: int) -> None:
@@ -808,6 +849,7 @@ FULL: dict[str, int] = {
     "crash:uplink.after_publish": 30,
     "crash:uplink.before_outbox_delete": 30,
     "plc-restart": 60,
+    "plc-reset-new-order": 30,
     "plc-drop": 100,
     "late-notification": 250,
     "modbus-restart": 50,

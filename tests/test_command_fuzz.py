@@ -13,13 +13,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.commands import COMMAND_MODELS
 from edge_agent.engine import CommandEvent, Engine
+from edge_agent.errors import InputError
 from edge_agent.messages import CommandReply, MaterialConsumed
 from edge_agent.sources import Quality, SignalEvent
+from edge_agent.uplink.mqtt import parse_mes_ack
 from tests.test_engine import LOTS, MASTER, ORDERS, Clock, make_config
 from tests.test_engine_commands import MASTER_DOC
 
@@ -214,3 +217,44 @@ def test_sequences_of_well_formed_commands_change_state_only_when_accepted(
             assert reply.reason
             assert snapshot(engine) == before, reply.reason
         assert all(lot.quantity >= 0 for lot in engine.lots)
+
+
+# ---------------------------------------------------------------------- mes-ack
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        _json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.just("message_ids"), _json_values).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_an_mes_ack_payload_is_ids_or_a_named_input_error(payload: bytes) -> None:
+    """The MES's acknowledgements arrive on paho's thread: anything but a list of ids is an
+    InputError naming the problem (logged, ignored), never another exception."""
+    ids, error = _mes_ack(payload)
+    if error is not None:
+        assert error.startswith("mes-ack:")
+    else:
+        assert isinstance(ids, list)
+        assert all(isinstance(i, str) for i in ids)
+        assert json.loads(payload)["message_ids"] == ids
+
+
+def _mes_ack(payload: bytes) -> tuple[list[str] | None, str | None]:
+    try:
+        return parse_mes_ack(payload), None
+    except InputError as exc:
+        return None, str(exc)
+
+
+def test_an_mes_ack_nested_too_deep_is_refused() -> None:
+    with pytest.raises(InputError, match="not JSON"):
+        parse_mes_ack(b"[" * 100_000)
+    assert parse_mes_ack(b'{"message_ids": ["a", "b"]}') == ["a", "b"]

@@ -47,7 +47,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent import __version__
 from edge_agent.config import Config
 from edge_agent.crashpoints import crash_point
-from edge_agent.errors import EdgeAgentError, StoreError
+from edge_agent.errors import EdgeAgentError, InputError, StoreError
 from edge_agent.messages import StatusMessage
 
 log = structlog.get_logger(__name__)
@@ -364,11 +364,8 @@ class MqttUplink:
         if not self._mes_ack:
             return  # acknowledgements mean nothing when the broker's PUBACK is delivery
         try:
-            data = json.loads(message.payload)
-            ids = data["message_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise TypeError("message_ids must be a list of strings")
-        except (ValueError, KeyError, TypeError) as exc:
+            ids = parse_mes_ack(bytes(message.payload))
+        except InputError as exc:
             log.warning("mes_ack_invalid", error=str(exc), payload=message.payload[:200])
             return
         self._call(self._mes_acked, ids)
@@ -467,6 +464,21 @@ class MqttUplink:
 def _unsupported_command(kind: str, payload: bytes, ack: Callable[[], None]) -> None:
     log.warning("mes_command_not_supported", kind=kind, size=len(payload))
     ack()
+
+
+def parse_mes_ack(payload: bytes) -> list[str]:
+    """The message ids of an MES acknowledgement, ``{"message_ids": ["…", …]}``; anything else
+    raises InputError naming the problem (the uplink logs it and goes on)."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"mes-ack: not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(data, dict) or "message_ids" not in data:
+        raise InputError('mes-ack: expected an object with "message_ids"')
+    ids = data["message_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InputError("mes-ack: message_ids must be a list of strings")
+    return ids
 
 
 def close_sockets(client: mqtt.Client) -> None:

@@ -491,6 +491,8 @@ class Engine:
         self.lots: tuple[Lot, ...] = tuple(lots)
         self.clock = clock
         self.sequence = 0
+        #: the store's own id, part of every message id (see messages.message_id)
+        self.store_id = ""
         self.work_centres: dict[str, WorkCentreState] = {}
         self.order_states: dict[str, OrderState] = {}
         self.stats = EngineStats()
@@ -553,6 +555,7 @@ class Engine:
             else list(initial_lots)
         )
         engine = cls(config, master, orders, lots, clock, master_doc)
+        engine.store_id = store.store_id
         engine._origin = (dict(orders), tuple(initial_lots), master, master_doc)
         if lots_state is None:
             engine._dirty.add("lots")
@@ -2664,7 +2667,13 @@ class Engine:
         p = self.config.place
         return {
             "message_id": message_id(
-                self.config.agent.id, order, operation, self._step_sequence, kind, index
+                self.config.agent.id,
+                order,
+                operation,
+                self._step_sequence,
+                kind,
+                index,
+                self.store_id,
             ),
             "agent": self.config.agent.id,
             "site": p.site,

@@ -65,14 +65,21 @@ WireTime = Annotated[
 ]
 
 
-def message_id(agent: str, order: str, operation: str, sequence: int, kind: str, index: int) -> str:
+def message_id(
+    agent: str, order: str, operation: str, sequence: int, kind: str, index: int, store: str = ""
+) -> str:
     """Deterministic id: the same engine step always yields the same ids.
 
     ``sequence`` is the engine's persisted step number; ``index`` numbers the messages one step
-    produces. A uuid5 over the JSON of the parts, so no separator inside an order id can make two
-    different messages collide.
+    produces; ``store`` is the store's own id, so a new store (after a damaged one was set
+    aside) never reuses an id the old one sent, which the MES would drop as a repeat. A uuid5
+    over the JSON of the parts, so no separator inside an order id can make two different
+    messages collide.
     """
-    name = json.dumps([agent, order, operation, sequence, kind, index], separators=(",", ":"))
+    parts: list[object] = [agent, order, operation, sequence, kind, index]
+    if store:  # a store made before store ids keeps the ids it always had
+        parts.insert(1, store)
+    name = json.dumps(parts, separators=(",", ":"))
     return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, name))
 
 

@@ -34,6 +34,7 @@ import json
 import os
 import sqlite3
 import struct
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -137,6 +138,10 @@ class Store:
         self._db = db
         self.path = path
         self.commits = 0
+        #: this store's own id (meta ``store_id``, made when it is created; "" for a store made
+        #: before it existed): part of every message id, so a new store never reuses the ids
+        #: an earlier one sent (the MES would drop its messages as repeats)
+        self.store_id = ""
         # One connection, many coroutines (engine, uplink): a transaction and every read run
         # under this lock, so no reader ever sees the rows of a transaction not yet committed.
         self._lock = asyncio.Lock()
@@ -161,6 +166,7 @@ class Store:
         try:
             store = cls(db, path)
             await store._prepare(synchronous)
+            store.store_id = await store._meta("store_id") or ""
             yield store
         finally:
             await db.close()
@@ -257,6 +263,8 @@ class Store:
             + str(SCHEMA_VERSION)
             + "'), ('created_at', '"
             + datetime.now(UTC).isoformat(timespec="milliseconds")
+            + "'), ('store_id', '"
+            + uuid.uuid4().hex
             + "');COMMIT;"
         )
         self.commits += 1

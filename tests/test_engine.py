@@ -542,3 +542,36 @@ async def test_without_device_timestamps_a_reread_never_doubles_a_weighing(
     messages = await outbox(store)
     assert consumed(messages) == {("WO-7", "RM-ACTIVE"): Decimal("1.250")}
     assert not [m for m in messages if m.schema_name.endswith("exception")]
+
+
+@pytest.mark.asyncio
+async def test_a_new_store_never_reuses_the_message_ids_of_an_old_one(tmp_path: Path) -> None:
+    """Found reading the contract: ids came from the agent id and the store's sequence alone,
+    so an agent started on a new store (the damaged one set aside) sent its first messages under
+    the ids the old store had used, and the MES, deduplicating by id, dropped them as repeats.
+    The same store still gives the same ids (a re-send after a restart is the same message)."""
+    config = make_config(tmp_path)
+
+    async def first_ids(path: Path) -> list[str]:
+        clock = Clock()
+        line = Line(clock)
+        async with Store.open(path) as store:
+            engine = await load(config, store, clock)
+            engine.apply(line.event("MIX-1", "order", "WO-7"))
+            engine.apply(line.event("MIX-1", "good", 0))
+            engine.apply(line.event("MIX-1", "good", 10))
+            uow = UnitOfWork()
+            engine.stage(uow)
+            return [args[0] for op, args in uow.ops if op == "enqueue"]
+
+    old = await first_ids(tmp_path / "old.db")
+    new = await first_ids(tmp_path / "new.db")
+    assert old
+    assert len(new) == len(old)
+    assert not set(old) & set(new)
+    async with Store.open(tmp_path / "old.db") as a, Store.open(tmp_path / "new.db") as b:
+        assert a.store_id
+        assert b.store_id
+        assert a.store_id != b.store_id
+    async with Store.open(tmp_path / "old.db") as again:  # kept across opens
+        assert again.store_id == a.store_id

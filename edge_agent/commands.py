@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     ValidationError,
     WithJsonSchema,
@@ -199,6 +200,16 @@ class Heartbeat(_Wire):
     mes_time: WireTime
     #: allowed (an MES may number everything) but unused: a heartbeat is not applied or answered
     command_id: str | None = None
+
+
+class MesAck(BaseModel):
+    """The MES acknowledges message ids it has recorded (``delivery = "mes-ack"``, topic
+    ``…/in/mes-ack``): those rows leave the agent's outbox. Keys beside ``message_ids`` are
+    ignored; an acknowledgement is not answered."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    message_ids: list[str]
 
 
 Command = (

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edge_agent.commands import COMMAND_MODELS
+from edge_agent.commands import COMMAND_MODELS, MesAck
 from edge_agent.messages import KIND_OF, SCHEMA_PREFIX, VERSION, StatusMessage
 
 #: the JSON Schema dialect of the generated schemas
@@ -19,12 +19,14 @@ SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of every message, by name (for the MES side), generated from the same
     pydantic models the agent writes, parses commands with and the MES simulator parses with:
-    each outgoing kind, ``status``, and each command as ``command.{kind}``."""
+    each outgoing kind, ``status``, and each command as ``command.{kind}`` (the MES's
+    acknowledgements as ``command.mes-ack``)."""
     models: list[tuple[str, type[BaseModel], str]] = [
         (kind.value, model, "serialization") for model, kind in KIND_OF.items()
     ]
     models.append(("status", StatusMessage, "serialization"))
     models += [(f"command.{kind}", model, "validation") for kind, model in COMMAND_MODELS.items()]
+    models.append(("command.mes-ack", MesAck, "validation"))
     out = {}
     for name, model, mode in models:
         schema = model.model_json_schema(by_alias=True, mode=mode)  # type: ignore[arg-type]

@@ -255,6 +255,6 @@ def _mes_ack(payload: bytes) -> tuple[list[str] | None, str | None]:
 
 
 def test_an_mes_ack_nested_too_deep_is_refused() -> None:
-    with pytest.raises(InputError, match="not JSON"):
+    with pytest.raises(InputError, match="Invalid JSON: recursion limit"):
         parse_mes_ack(b"[" * 100_000)
     assert parse_mes_ack(b'{"message_ids": ["a", "b"]}') == ["a", "b"]

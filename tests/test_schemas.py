@@ -42,7 +42,9 @@ def test_the_schema_files_in_the_repository_are_the_models_schemas() -> None:
         )
     assert {json.loads(t)["$id"] for t in expected.values()} == {
         f"edge-agent/{kind.value}/v1" for kind in Kind
-    } | {"edge-agent/status/v1"} | {f"edge-agent/command.{kind}/v1" for kind in COMMAND_MODELS}
+    } | {"edge-agent/status/v1", "edge-agent/command.mes-ack/v1"} | {
+        f"edge-agent/command.{kind}/v1" for kind in COMMAND_MODELS
+    }
 
 
 def test_the_cli_writes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

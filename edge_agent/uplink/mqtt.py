@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,8 +42,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
 
 from edge_agent import __version__
+from edge_agent.commands import MesAck
 from edge_agent.config import Config
 from edge_agent.crashpoints import crash_point
 from edge_agent.errors import EdgeAgentError, InputError, StoreError
@@ -467,18 +468,14 @@ def _unsupported_command(kind: str, payload: bytes, ack: Callable[[], None]) -> 
 
 
 def parse_mes_ack(payload: bytes) -> list[str]:
-    """The message ids of an MES acknowledgement, ``{"message_ids": ["…", …]}``; anything else
-    raises InputError naming the problem (the uplink logs it and goes on)."""
+    """The message ids of an MES acknowledgement (:class:`~edge_agent.commands.MesAck`);
+    anything else raises InputError naming the problem (the uplink logs it and goes on)."""
     try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"mes-ack: not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(data, dict) or "message_ids" not in data:
-        raise InputError('mes-ack: expected an object with "message_ids"')
-    ids = data["message_ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InputError("mes-ack: message_ids must be a list of strings")
-    return ids
+        return MesAck.model_validate_json(payload).message_ids
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(x) for x in error["loc"]) or "payload"
+        raise InputError(f"mes-ack: {where}: {error['msg']}") from None
 
 
 def close_sockets(client: mqtt.Client) -> None:

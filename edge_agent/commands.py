@@ -191,7 +191,7 @@ class ExceptionResolutionCommand(_Command):
 
 
 class Heartbeat(_Wire):
-    """The MES's clock: the agent compares it with its own (``[time] max_skew_s``)."""
+    """The MES's clock: the agent compares it with its own (``[clock] max_skew_s``)."""
 
     schema_name: Literal["edge-agent/heartbeat"] = Field(
         default="edge-agent/heartbeat", alias="schema"

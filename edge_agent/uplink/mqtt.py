@@ -348,7 +348,8 @@ class MqttUplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != self.mes_ack_topic:
-            kind = message.topic.rsplit("/", 1)[-1]
+            # everything below {topic_base}/in/: a deeper topic is an unknown kind, refused
+            kind = message.topic.removeprefix(self.command_topics.removesuffix("#"))
             mid, qos = message.mid, message.qos
 
             def ack() -> None:  # once committed (any thread: paho queues the PUBACK)

@@ -52,6 +52,7 @@ from rich.table import Table
 
 from edge_agent.config import Config, parse_config
 from edge_agent.crashpoints import ENV as CRASH_ENV
+from edge_agent.crashpoints import POINTS as CRASH_POINTS
 from edge_agent.logs import configure_logging
 from simulators.broker import free_port
 from simulators.mes import MesSimulator
@@ -187,9 +188,8 @@ class FaultKind:
     delivery: Literal["broker", "mes-ack"] = "mes-ack"
     bridge: bool = False
     rig: Rig = "standard"
+    #: the crash point the agent runs armed with ("*": all of them, at a low rate)
     crash_point: str | None = None
-    #: the agent process dies by itself (a crash point): ``inject`` waits for it
-    self_killing: bool = False
 
 
 async def _broker_outage(line: Line, seconds: tuple[float, float]) -> int:
@@ -314,16 +314,8 @@ FAULTS: dict[str, FaultKind] = {
                 crash_point,
                 gap=(0.0, 0.0),
                 crash_point=point,
-                self_killing=True,
             )
-            for point in (
-                "store.before_commit",
-                "engine.after_commit",
-                "engine.before_plc_ack",
-                "engine.after_plc_ack",
-                "uplink.after_publish",
-                "uplink.before_outbox_delete",
-            )
+            for point in CRASH_POINTS
         ),
         FaultKind("plc-restart", "OPC UA server power cycle, counters kept", plc_restart),
         FaultKind(

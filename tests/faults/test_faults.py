@@ -19,8 +19,18 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from edge_agent.crashpoints import POINTS
 from edge_agent.store import Store
-from simulators.faults import FAULTS, FaultRow, _reconcile, report_table, run_fault
+from simulators.faults import (
+    CRASH_PROBABILITY,
+    FAULTS,
+    FULL,
+    QUICK,
+    FaultRow,
+    _reconcile,
+    report_table,
+    run_fault,
+)
 from simulators.mes import MesSimulator
 from tests.support.broker import has_mosquitto
 
@@ -173,3 +183,10 @@ def test_modbus_device_restarts(tmp_path: Path) -> None:
 def test_counters_wrap(tmp_path: Path, width: int) -> None:
     row = asyncio.run(run_fault(FAULTS[f"rollover-{width}"], 2, tmp_path, seed()))
     check(row, 2)
+
+
+def test_every_fault_kind_is_in_both_plans_and_the_full_run_makes_over_1000_faults() -> None:
+    assert set(QUICK) == set(FAULTS) == set(FULL)
+    assert sum(FULL.values()) >= 1000
+    assert {f"crash:{point}" for point in POINTS} <= set(FAULTS)
+    assert set(CRASH_PROBABILITY) == set(POINTS)

@@ -255,8 +255,8 @@ def parse_command(  # noqa: PLR0911 - one return per rejection, in the order che
         return rejected(f"topic: unknown command kind {kind!r} (known: {known})")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return rejected(f"payload: malformed JSON ({exc})")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return rejected(f"payload: malformed JSON ({str(exc)[:200]})")
     if not isinstance(data, dict):
         return rejected(f"payload: a command is a JSON object (got {type(data).__name__})")
     raw_id = data.get("command_id")

@@ -904,7 +904,7 @@ class Engine:
         batch); a payload that names none is left for :meth:`apply` to reject."""
         try:
             target = json.loads(event.payload).get("message_id")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return event
         if not isinstance(target, str):
             return event

@@ -8,10 +8,11 @@ clock, master data) is compared before and after each rejected command.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -22,6 +23,7 @@ from edge_agent.engine import CommandEvent, Engine
 from edge_agent.errors import InputError
 from edge_agent.messages import CommandReply, MaterialConsumed
 from edge_agent.sources import Quality, SignalEvent
+from edge_agent.store import Store
 from edge_agent.uplink.mqtt import parse_mes_ack
 from tests.test_engine import LOTS, MASTER, ORDERS, Clock, make_config
 from tests.test_engine_commands import MASTER_DOC
@@ -217,6 +219,24 @@ def test_sequences_of_well_formed_commands_change_state_only_when_accepted(
             assert reply.reason
             assert snapshot(engine) == before, reply.reason
         assert all(lot.quantity >= 0 for lot in engine.lots)
+
+
+@pytest.mark.parametrize("kind", ["work-order", "master-data", "heartbeat", "reversal"])
+def test_a_command_nested_too_deep_is_rejected_not_a_crash(kind: str) -> None:
+    """Found by hand after the mes-ack case: json.loads raises RecursionError for deeply nested
+    input, which the command parser did not catch: the engine task died, the broker delivered
+    the command again to the restarted agent (no PUBACK was given), and it died again."""
+    engine = Engine(CONFIG, MASTER, ORDERS, LOTS, Clock(), MASTER_DOC)
+    before = snapshot(engine)
+    command = CommandEvent(kind, b"[" * 100_000, T0)
+    if kind == "reversal":  # the run loop looks up the posting a reversal names first
+        command = asyncio.run(engine.prepared(cast(Store, None), command))
+    engine.apply(command)
+    (reply,) = [o.message for o in engine._outgoing if isinstance(o.message, CommandReply)]
+    assert reply.result == "rejected"
+    assert reply.reason is not None
+    assert "malformed JSON" in reply.reason
+    assert snapshot(engine) == before
 
 
 # ---------------------------------------------------------------------- mes-ack

@@ -424,7 +424,7 @@ def _raw_for_paths(data: object) -> Any:
 
         try:
             return json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return data
 

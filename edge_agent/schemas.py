@@ -30,6 +30,9 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     out = {}
     for name, model, mode in models:
         schema = model.model_json_schema(by_alias=True, mode=mode)  # type: ignore[arg-type]
+        if name.startswith("command.") and "schema" in schema.get("properties", {}):
+            # defaults in the model, but the agent refuses a command without them
+            schema["required"] = sorted({*schema.get("required", []), "schema", "version"})
         out[name] = {"$schema": SCHEMA_DRAFT, "$id": f"{SCHEMA_PREFIX}{name}/v{VERSION}", **schema}
     return out
 

@@ -15,7 +15,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from edge_agent.cli import main
-from edge_agent.commands import COMMAND_MODELS
+from edge_agent.commands import COMMAND_MODELS, CommandRejected, parse_command
 from edge_agent.engine import CommandEvent
 from edge_agent.messages import Kind
 from edge_agent.schemas import schema_files
@@ -138,5 +138,9 @@ def test_command_schemas_accept_what_the_agent_accepts(kind: str) -> None:
     assert list(validator.iter_errors(good)) == []
     assert not validator.is_valid({**good, "version": "one"})
     assert not validator.is_valid({**good, "unexpected": "field"})
+    for required in ("schema", "version"):  # the agent refuses a command without them
+        assert not validator.is_valid({k: v for k, v in good.items() if k != required})
+        refused = parse_command(kind, json.dumps({**good, required: None}).encode())
+        assert isinstance(refused, CommandRejected)
     if "quantity" in good:
         assert not validator.is_valid({**good, "quantity": 12.5})  # a number, not a string

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format clean faults faults-full
+.PHONY: demo test lint format clean faults faults-full bench bench-full
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ faults: $(STAMP)
 
 faults-full: $(STAMP)
 	$(BIN)/python -m simulators.faults --full --json faults-full.json
+
+# benchmarks against the raw stack, as ratios (docs/benchmarks.md; needs mosquitto)
+bench: $(STAMP)
+	$(BIN)/python -m bench --quick --json bench-quick.json
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench --full --json bench-full.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

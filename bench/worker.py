@@ -1,0 +1,397 @@
+"""One benchmark stage in a process of its own: ``python -m bench.worker STAGE PARAMS_JSON``.
+
+Each stage runs in a fresh process so its memory and CPU figures are its own (not the bench's,
+nor another stage's) and the subscriber counting arrivals (in the bench process) does not share
+its interpreter lock. The worker talks to the bench over stdout, one JSON object a line:
+``{"progress": done, "total": n}``, ``{"event": "filled"}`` (backlog: start the broker now) and
+finally ``{"result": {...}}``. Logs go to stderr, warnings and above only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import resource
+import sqlite3
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from bench.payload import CONFIG_DIR, Template
+
+GROUP = 500  # rows per commit when grouped: the engine's batch limit (docs/runtime.md)
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+class Progress:
+    """Reports progress to the bench at most every 0.2 s."""
+
+    def __init__(self, total: int, task: str) -> None:
+        self.total, self.task, self._last = total, task, 0.0
+
+    def __call__(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last > 0.2:
+            self._last = now
+            emit(progress=done, total=self.total, task=self.task)
+
+
+class Memory:
+    """Samples this process's resident memory every 20 ms; the peak per phase."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench.rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.sample()
+
+    def sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def cpu_seconds() -> float:
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+# ---------------------------------------------------------------------------- SQLite
+
+
+async def stage_sqlite(p: dict[str, Any]) -> dict[str, Any]:
+    """Commits/s at the agent's synchronous setting (FULL): raw sqlite3 and the Store."""
+    from edge_agent.store import Store, UnitOfWork
+
+    work, template = Path(p["workdir"]), Template.from_json(p["template"])
+    singles, grouped = int(p["single_commits"]), int(p["grouped_rows"])
+    progress = Progress(2 * singles + 2 * grouped, "sqlite")
+    done = 0
+    created = "2026-11-23T06:00:00.000Z"
+
+    def raw(path: Path, n: int, group: int) -> float:
+        nonlocal done
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT UNIQUE "
+            "NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at TEXT NOT NULL)"
+        )
+        start = time.perf_counter()
+        for first in range(0, n, group):
+            rows = [(*template.message(i), created) for i in range(first, min(n, first + group))]
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO outbox (message_id, payload, created_at, topic) VALUES (?, ?, ?, '"
+                + template.topic
+                + "')",
+                rows,
+            )
+            db.execute("COMMIT")
+            done += len(rows)
+            progress(done)
+        elapsed = time.perf_counter() - start
+        db.close()
+        return elapsed
+
+    async def store(path: Path, n: int, group: int) -> float:
+        nonlocal done
+        async with Store.open(path, "FULL") as s:
+            start = time.perf_counter()
+            for first in range(0, n, group):
+                units = []
+                for i in range(first, min(n, first + group)):
+                    uow = UnitOfWork()
+                    message_id, payload = template.message(i)
+                    uow.enqueue(message_id, template.topic, payload, created)
+                    if group == 1:
+                        uow.put_state("engine", {"sequence": i})
+                    units.append(uow)
+                await s.commit_units(units)
+                done += len(units)
+                progress(done)
+            return time.perf_counter() - start
+
+    raw_single = raw(work / "raw-single.db", singles, 1)
+    raw_grouped = raw(work / "raw-grouped.db", grouped, GROUP)
+    store_single = await store(work / "store-single.db", singles, 1)
+    store_grouped = await store(work / "store-grouped.db", grouped, GROUP)
+    progress(done, force=True)
+    return {
+        "raw.sqlite3_commit": singles / raw_single,
+        "raw.sqlite3_grouped": grouped / raw_grouped,
+        "store.commit": singles / store_single,
+        "store.grouped": grouped / store_grouped,
+    }
+
+
+# ---------------------------------------------------------------------------- paho
+
+
+def stage_paho(p: dict[str, Any]) -> dict[str, Any]:
+    """Raw paho QoS 1 publishes/s (MQTT 5) with the agent's window and payload size."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    template = Template.from_json(p["template"])
+    n, window = int(p["n"]), int(p["window"])
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    acked = 0
+    refused = 0
+    all_acked = threading.Event()
+    connected = threading.Event()
+
+    def on_publish(_c: Any, _u: Any, _mid: int, rc: Any, _p: Any) -> None:
+        nonlocal acked, refused
+        acked += 1
+        refused += int(rc.value >= 0x80)
+        if acked == n:
+            all_acked.set()
+
+    client.on_publish = on_publish
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", int(p["port"]))
+    client.loop_start()
+    progress = Progress(n, "paho")
+    try:
+        if not connected.wait(10):
+            raise RuntimeError("raw paho: no connection to the broker")
+        messages = [template.message(i)[1] for i in range(n)]
+        start = time.perf_counter()
+        for payload in messages:
+            client.publish(template.topic, payload, qos=1)
+        while not all_acked.wait(0.1):
+            progress(acked)
+            if time.perf_counter() - start > 600:
+                raise RuntimeError(f"raw paho: {acked} of {n} acknowledged after 600 s")
+        elapsed = time.perf_counter() - start
+        progress(acked, force=True)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return {"raw.paho_qos1": n / elapsed, "refused": refused}
+
+
+# ---------------------------------------------------------------------------- asyncua
+
+
+async def stage_asyncua(p: dict[str, Any]) -> dict[str, Any]:
+    """asyncua server → client DataChange notifications/s over a fixed number of writes."""
+    from asyncua import ua
+    from asyncua.client.client import Client
+    from asyncua.server.server import Server
+
+    n, nodes = int(p["n"]), int(p["nodes"])
+    port = int(p["port"])
+    endpoint = f"opc.tcp://127.0.0.1:{port}/bench/"
+    server = Server()
+    await server.init()
+    server.set_endpoint(endpoint)
+    idx = await server.register_namespace("urn:edge-agent:bench")
+    folder = await server.nodes.objects.add_folder(idx, "Bench")
+    variables = [
+        await folder.add_variable(
+            ua.NodeId(ua.String(f"Counter{i}"), ua.Int16(idx)), f"Counter{i}", ua.UInt32(0)
+        )
+        for i in range(nodes)
+    ]
+    received = 0
+    last_at = 0.0
+    done = asyncio.Event()
+    baseline = len(variables)  # each monitored item reports its initial value once
+
+    class Handler:
+        def datachange_notification(self, _node: Any, _val: Any, _data: Any) -> None:
+            nonlocal received, last_at
+            received += 1
+            last_at = time.perf_counter()
+            if received >= n + baseline:
+                done.set()
+
+    progress = Progress(n, "asyncua")
+    async with server:
+        client = Client(endpoint)
+        async with client:
+            sub = await client.create_subscription(
+                ua.CreateSubscriptionParameters(
+                    RequestedPublishingInterval=10,
+                    RequestedMaxKeepAliveCount=100,
+                    RequestedLifetimeCount=1000,
+                    MaxNotificationsPerPublish=0,
+                    PublishingEnabled=True,
+                ),
+                Handler(),
+            )
+            await sub.subscribe_data_change(
+                [client.get_node(v.nodeid) for v in variables],
+                sampling_interval=ua.Double(0),
+                queuesize=max(1000, n // nodes + 1),
+            )
+            while received < baseline:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            for i in range(n):
+                await server.write_attribute_value(
+                    variables[i % nodes].nodeid,
+                    ua.DataValue(ua.Variant(i // nodes + 1, ua.VariantType.UInt32)),
+                )
+                if i % 200 == 199:
+                    progress(received - baseline)
+                    await asyncio.sleep(0)  # let the client side take its notifications
+            quiet = 0
+            while not done.is_set() and quiet < 3:  # none for 3 s: the rest is lost
+                before = received
+                with_timeout = asyncio.wait_for(done.wait(), 1.0)
+                try:
+                    await with_timeout
+                except TimeoutError:
+                    quiet = quiet + 1 if received == before else 0
+                progress(received - baseline)
+            progress(received - baseline, force=True)
+            await sub.delete()
+    got = received - baseline
+    return {"raw.asyncua": got / (last_at - start), "received": got, "written": n}
+
+
+# ---------------------------------------------------------------------------- backlog
+
+
+def _uplink_config(port: int, store: Path, window: int) -> Any:
+    from edge_agent.config import parse_config
+
+    data = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
+    data["store"]["path"] = str(store)
+    data["mqtt"].update(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "inflight_window": window,
+            "reconnect_min_ms": 100,
+            "reconnect_max_ms": 1000,
+        }
+    )
+    return parse_config(data, CONFIG_DIR)
+
+
+async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
+    """The broker is down while N messages fill the real store's outbox (grouped commits, as the
+    engine does under load); then the broker comes up and the real MqttUplink drains it."""
+    from edge_agent.store import Store, UnitOfWork
+    from edge_agent.uplink.mqtt import MqttUplink
+
+    memory = Memory()
+    template = Template.from_json(p["template"])
+    n, window = int(p["n"]), int(p["window"])
+    db = Path(p["workdir"]) / f"backlog-{n}.db"
+    config = _uplink_config(int(p["port"]), db, window)
+    created = "2026-11-23T06:00:00.000Z"
+    async with Store.open(db, "FULL") as store, MqttUplink(config, store) as uplink:
+        pump = asyncio.create_task(uplink.run(), name="bench.uplink")
+        memory.enter("fill")
+        fill_progress = Progress(n, "fill")
+        cpu0, start = cpu_seconds(), time.perf_counter()
+        for first in range(0, n, GROUP):
+            units = []
+            for i in range(first, min(n, first + GROUP)):
+                uow = UnitOfWork()
+                message_id, payload = template.message(i)
+                uow.enqueue(message_id, template.topic, payload, created)
+                units.append(uow)
+            await store.commit_units(units)
+            uplink.notify()
+            fill_progress(first + len(units))
+        fill_s, fill_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+        fill_progress(n, force=True)
+        memory.enter("wait")
+        emit(event="filled")
+        await uplink.wait_connected(60)
+        memory.enter("drain")
+        drain_progress = Progress(n, "drain")
+        cpu0, start = cpu_seconds(), time.perf_counter()
+        while uplink.published < n:
+            await asyncio.sleep(0.01)
+            drain_progress(uplink.published)
+            if time.perf_counter() - start > 1800:
+                raise RuntimeError(f"backlog: {uplink.published} of {n} drained after 30 min")
+        drain_s, drain_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+        drain_progress(n, force=True)
+        memory.stop()
+        pump.cancel()
+        with_suppressed = asyncio.gather(pump, return_exceptions=True)
+        await with_suppressed
+        depth = await store.outbox_depth()
+    mb = 1024 * 1024
+    return {
+        "fill": n / fill_s,
+        "drain": n / drain_s,
+        "rss_fill": memory.peaks.get("fill", 0) / mb,
+        "rss_drain": memory.peaks.get("drain", 0) / mb,
+        "rss_start": memory.peaks.get("start", 0) / mb,
+        "max_rss": max_rss_bytes() / mb,
+        "cpu_fill_per_1000": 1000 * fill_cpu / n,
+        "cpu_drain_per_1000": 1000 * drain_cpu / n,
+        "fill_s": fill_s,
+        "drain_s": drain_s,
+        "depth_after": depth,
+        "reconnects": uplink.reconnects,
+    }
+
+
+STAGES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "sqlite": stage_sqlite,
+    "paho": stage_paho,
+    "asyncua": stage_asyncua,
+    "backlog": stage_backlog,
+}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    stage, params = argv[0], json.loads(argv[1])
+    result = STAGES[stage](params)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    emit(result=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -189,6 +191,7 @@ class Runner:
         )
         self.values.update(r)
         self.progress.update(task, description="sqlite: done")
+        self.progress.stop_task(task)
 
     def paho(self, profile: Profile, window: int) -> None:
         task = self.progress.add_task("paho", total=profile.paho)
@@ -207,6 +210,7 @@ class Runner:
         if arrived < profile.paho:
             raise RuntimeError(f"raw paho: the MES got {arrived} of {profile.paho}")
         self.progress.update(task, description="paho: done")
+        self.progress.stop_task(task)
 
     def asyncua(self, profile: Profile) -> None:
         task = self.progress.add_task("asyncua", total=profile.asyncua)
@@ -216,6 +220,7 @@ class Runner:
         if r["received"] < r["written"]:
             self.notes["raw.asyncua"] = f"{r['received']} of {r['written']} notified"
         self.progress.update(task, description="asyncua: done")
+        self.progress.stop_task(task)
 
     def backlog(self, n: int, window: int) -> None:
         task = self.progress.add_task(f"backlog {n:,}", total=n)
@@ -244,6 +249,7 @@ class Runner:
                 f"backlog {n}: the MES got {arrived} of {n}, {r['depth_after']} left in the outbox"
             )
         self.progress.update(task, description=f"backlog {n:,}: done")
+        self.progress.stop_task(task)
 
 
 def machine() -> dict[str, Any]:
@@ -342,7 +348,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     for col, justify in (("figure", "left"), ("value", "right"), ("unit", "left"),
                          ("raw-stack reference", "right"), ("ratio", "right"),
                          ("target", "left"), ("result", "left")):  # fmt: skip
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]  # rich: a Literal
+        table.add_column(col, justify=justify, no_wrap=col != "result")  # type: ignore[arg-type]  # rich: a Literal
     style = {"pass": "green", "FAIL": "bold red", "not measured yet": "dim"}
     for f in report["figures"]:
         ratio = f"{100 * f['ratio']:.0f} %" if f["ratio"] is not None else ""
@@ -391,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply every count (tests use a small one; figures shrink in "
                         "meaning with it)")  # fmt: skip
     args = parser.parse_args(argv)
+    structlog.configure(  # the engine that makes the payload logs; the table is the output
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
     console = Console()
     if not console.is_terminal:  # make's output in a log: no wrapping of the table
-        console = Console(width=max(console.width, 150))
+        console = Console(width=max(console.width, 170))
     only = set(STAGES) if not args.only else set(args.only.split(","))
     unknown = only - set(STAGES)
     if unknown:

@@ -99,6 +99,8 @@ class _Variable:
     value: Any
     stamp: datetime
     status: ua.StatusCode = field(default_factory=ua.StatusCode)
+    #: the value and stamp before the last write (a late notification replays them)
+    previous: tuple[Any, datetime] | None = None
 
     def datavalue(self) -> ua.DataValue:
         return ua.DataValue(
@@ -304,6 +306,7 @@ class LinePlc:
         return self._last_stamp
 
     async def _set(self, variable: _Variable, value: Any) -> None:
+        variable.previous = (variable.value, variable.stamp)
         variable.value = value
         variable.stamp = self._stamp()
         self._metered_step(variable)
@@ -421,19 +424,19 @@ class LinePlc:
             raise ValueError(f"{signal} is {variable.width} bits wide: {raw} does not fit")
         await self._set(variable, raw)
 
-    async def replay_late(self, work_centre: str, signal: str, behind: int = 1) -> bool:
+    async def replay_late(self, work_centre: str, signal: str) -> bool:
         """A re-ordered and a duplicated notification of a counter, counting nothing: first the
-        value ``behind`` counts lower, stamped just before the current value (a notification
-        that arrives late), then the current value again with a new stamp (a duplicate).
-        False (nothing written) when the counter is below ``behind``."""
+        value it had before its last write, with that write's own stamp (a notification that
+        arrives late, after the newer one), then the current value again with a new stamp (a
+        duplicate). False (nothing written) when the counter was never written."""
         wc = self._wc(work_centre)
         if signal not in COUNTERS:
             raise ValueError(f"{signal!r} is not a counter ({', '.join(COUNTERS)})")
         variable = self._var(wc, signal)
-        current, stamp = int(variable.value), variable.stamp
-        if current < behind:
+        if variable.previous is None:
             return False
-        variable.value, variable.stamp = current - behind, stamp - _TICK
+        current = variable.value
+        variable.value, variable.stamp = variable.previous
         await self._publish(variable)
         variable.value, variable.stamp = current, self._stamp()
         await self._publish(variable)

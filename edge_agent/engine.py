@@ -1133,6 +1133,13 @@ class Engine:
         if order == wc.order:
             return
         log.info("order_changed", work_centre=source.work_centre, order=order, previous=wc.order)
+        if (
+            event.origin is Origin.READ
+            and wc.order
+            and source.counters_reset_on_order_change
+            and any(_counter(source, name) for name in COUNTERS)
+        ):
+            self._unseen_order_change(source, wc, event, order)
         wc.order = order or None
         at = event.source_time or event.received_at
         self._feed_order(source, wc, at, wc.order, _trigger(event))
@@ -1141,6 +1148,33 @@ class Engine:
         self._dirty.add(f"wc/{source.work_centre}")
         if order:
             self._order(order)  # pins the BOM revision in effect now
+
+    def _unseen_order_change(
+        self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, order: str | None
+    ) -> None:
+        """The order changed while the agent could not read the PLC (first seen in the read
+        after a (re)connect or a start): the counters were reset with it, so what the previous
+        order counted after the agent's last reading is gone from the PLC. Said, not guessed."""
+        last = max(
+            (c.source_time for c in wc.counters.values() if c.source_time is not None),
+            default=None,
+        )
+        self._exception(
+            source.work_centre,
+            ExceptionCode.COUNTER_RESET,
+            Severity.WARNING,
+            f"order {wc.order} changed to {order or 'none'} at {source.work_centre} while the PLC "
+            "could not be read: its counters were reset with the change, so counts of "
+            f"{wc.order} after the agent's last reading cannot be known (the operation-complete "
+            "handshake has no such gap)",
+            wc.order,
+            source.operation,
+            details={
+                "new_order": order or "",
+                "last_reading": wire_time(last) if last is not None else "",
+            },
+            trigger=_trigger(event),
+        )
 
     def _count(
         self, source: SourceConfig, wc: WorkCentreState, event: SignalEvent, cfg: CounterConfig

@@ -575,3 +575,31 @@ async def test_a_new_store_never_reuses_the_message_ids_of_an_old_one(tmp_path: 
         assert a.store_id != b.store_id
     async with Store.open(tmp_path / "old.db") as again:  # kept across opens
         assert again.store_id == a.store_id
+
+
+@pytest.mark.asyncio
+async def test_an_order_change_the_agent_did_not_see_is_said_not_guessed(
+    tmp_path: Path, store: Store
+) -> None:
+    """Found by the first full fault run: an order change (counters reset with it) made while
+    the PLC could not be read loses what the old order counted after the agent's last reading;
+    nothing said so. Seen first in the read after a reconnect, it raises counter_reset."""
+    clock = Clock()
+    line = Line(clock)
+    engine = await load(make_config(tmp_path), store, clock)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "good", 10))
+    engine.apply(line.event("MIX-1", "order", "WO-8"))  # seen live: nothing to say
+    assert not [m for m in pending(engine) if getattr(m, "code", None) == "counter_reset"]
+    engine.apply(line.event("MIX-1", "good", 5))
+    engine.apply(line.event("MIX-1", "order", "WO-7", origin=Origin.READ))  # after a reconnect
+    (said,) = [m for m in pending(engine) if getattr(m, "code", None) == "counter_reset"]
+    assert said.order == "WO-8"
+    assert said.details["new_order"] == "WO-7"
+    assert said.details["last_reading"]
+    engine.apply(line.event("MIX-1", "order", "WO-7", origin=Origin.READ))  # the same: nothing
+    assert len([m for m in pending(engine) if getattr(m, "code", None) == "counter_reset"]) == 1
+
+
+def pending(engine: Engine) -> list[Any]:
+    return [o.message for o in engine._outgoing]

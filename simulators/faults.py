@@ -76,8 +76,8 @@ Rig = Literal["standard", "rollover-16", "rollover-32"]
 #: units of each generated work order, and units per production step
 ORDER_UNITS = 60
 BATCH = 6
-#: seconds the water meter stands still after an order change on the rollover rigs
-STILL_AT_CHANGE_S = 1.6
+#: seconds the water meter stands still before and after an order change on the rollover rigs
+STILL_AT_CHANGE_S = 2.5
 #: the lot in the mixer's water tank (config/lots.json)
 FEED_LOT = "TANK-2-2611"
 #: work orders in the orders document: more than any run gets through
@@ -543,6 +543,8 @@ async def _produce(line: Line, stop: asyncio.Event, rig: Rig, orders: int = ORDE
         order = f"FA-{i:03d}"
         reset = rig == "standard"
         if reset or i > 1:  # a rollover rig's first order was set before the agent started
+            if not reset:
+                await asyncio.sleep(STILL_AT_CHANGE_S)  # still before the change too
             await line.plc.set_order(MIX, order, reset_counters=reset)
             await line.plc.set_order(FILL, order, reset_counters=reset)
             if not reset:
@@ -575,15 +577,29 @@ async def _cycle_plc(line: Line, reset: bool, off_s: float) -> bool:
     """Power-cycle the PLC (its memory lost if ``reset``: then the water tank's lot is shown
     again and given the meter's hold-up time before the line runs on, so no water is metered
     with no lot in the feed)."""
+    connected = _connections(line)
     await line.plc.stop()
     await asyncio.sleep(off_s)
     await line.plc.start(reset=reset)
+    # the line runs on once the agent has read the PLC again: an order change (its counters
+    # reset) or a Modbus weighing before that is what no reader can know (docs/faults.md)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(60):
+            while _connections(line) < connected + len(line.config.sources):
+                await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
     if reset:
         await line.plc.change_lot(MIX, FEED_LOT)
         await asyncio.sleep(float(_lag_s(line.config)) + 0.5)
     line.power_cycle = None
     line.power_cycled.set()
     return reset
+
+
+def _connections(line: Line) -> int:
+    """How many PLC connections the agent has made, by its log (every start of it)."""
+    log = line.agent.log_path.read_bytes() if line.agent.log_path.exists() else b""
+    return log.count(b'"event": "opcua_connected"') + log.count(b'"event": "modbus_connected"')
 
 
 async def _preset_near_wrap(plc: Plc, width: int) -> None:

@@ -165,6 +165,7 @@ MAX_BATCH = 500
 #: a store that cannot commit is retried after retry_interval, doubling up to this
 MAX_STORE_RETRY_S = 15.0
 COUNTERS = ("good", "scrap", "flow")
+_HANDSHAKE_SIGNALS = frozenset({"complete_request", "complete_ack"})
 NO_ORDER = ""
 
 FlowConfig = FlowSignal | ModbusFlow
@@ -1058,9 +1059,9 @@ class Engine:
     ) -> list[PlcWrite]:
         signal, key = event.signal, f"wc/{source.work_centre}"
         sigs = source.signals
-        handshake = {"complete_request": self._request, "complete_ack": self._ack_read}
-        if signal in handshake:
-            return handshake[signal](source, wc, event)
+        if signal in _HANDSHAKE_SIGNALS:
+            handler = self._request if signal == "complete_request" else self._ack_read
+            return handler(source, wc, event)
         if signal == "order":
             self._order_changed(source, wc, event)
         elif signal in ("good", "scrap"):

@@ -66,6 +66,7 @@ from simulators.shift import (
     AgentProcess,
     SourceKind,
     _lag_s,
+    _settle,
     agent_config,
 )
 from simulators.shift import expected_consumption as theoretical_consumption
@@ -93,7 +94,6 @@ KEEPALIVE_S = 5
 class Line:
     """One running rig: what a fault acts on."""
 
-    workdir: Path
     config: Config
     plc: Plc
     agent: AgentProcess
@@ -102,7 +102,6 @@ class Line:
     plant: Broker | None
     rng: random.Random
     crash_env: str = ""
-    restarts: int = 0
     #: crash points that fired, by name
     crashes: Counter[str] = field(default_factory=Counter)
     #: faults injected, by kind
@@ -125,7 +124,6 @@ class Line:
         while True:
             self.agent.env = {CRASH_ENV: self.crash_env} if self.armed and self.crash_env else {}
             self.agent.start()
-            self.restarts += 1
             try:
                 await self.agent.wait_connected(len(self.config.sources), timeout=60)
                 return
@@ -630,7 +628,13 @@ async def run_fault(
                 row.kinds = dict(line.injected + line.crashes)
                 await _heal(line)
                 expected = theoretical_consumption(line.plc.totals, line.config)
-                await _settle(line, expected, settle_timeout, supervisor)
+                await _settle(
+                    line.mes,
+                    expected,
+                    lambda: _raise_if_done(supervisor),
+                    Path(line.config.store.path),
+                    settle_timeout,
+                )
             finally:
                 supervisor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -688,9 +692,7 @@ async def _rig(kind: FaultKind, workdir: Path, seed: int) -> AsyncIterator[Line]
                     await plc.set_order(wc, "FA-001", reset_counters=False)
                 await _preset_near_wrap(plc, 16 if kind.rig == "rollover-16" else 32)
             await asyncio.to_thread(mes.start, 20.0)
-            line = Line(
-                workdir, config, plc, agent, mes, broker, plant, random.Random(seed), _armed(kind)
-            )
+            line = Line(config, plc, agent, mes, broker, plant, random.Random(seed), _armed(kind))
             await line.restart_agent()
             yield line
     finally:
@@ -799,30 +801,11 @@ async def _heal(line: Line) -> None:
             await line.restart_agent()
 
 
-async def _settle(
-    line: Line,
-    expected: dict[tuple[str, str, str], Decimal],
-    timeout: float,
-    supervisor: asyncio.Task[None],
-) -> None:
-    """Until the MES has what is expected and the outbox is empty (else the reconciliation
-    shows the difference)."""
-    store = Path(line.config.store.path)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            while True:
-                if supervisor.done():
-                    await supervisor
-                received = await asyncio.to_thread(line.mes.consumption)
-                arrived = all(received.get(k, Decimal(0)) == v for k, v in expected.items())
-                if arrived and await asyncio.to_thread(_outbox_depth, store) == 0:
-                    return
-                await asyncio.sleep(0.2)
-
-
-def _outbox_depth(path: Path) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+def _raise_if_done(task: asyncio.Task[None]) -> None:
+    """What ended a task that should run until cancelled, raised."""
+    if task.done():
+        task.result()
+        raise RuntimeError(f"{task.get_name()} ended")
 
 
 def _reconcile(

@@ -320,11 +320,11 @@ async def run_shift(
             await _produce(plc, agent, control, plan, _planned(config), progress)
             progress(plan.units, "shift done: waiting for the MES to have everything", True)
             expected = expected_consumption(plc.totals, config)
-            await _settle(mes, expected, agent, Path(config.store.path), settle_timeout)
+            await _settle(mes, expected, agent.check, Path(config.store.path), settle_timeout)
             refused = []
             if plan.close_orders:
                 refused = await _mes_closes(mes, plan, progress)
-                await _settle(mes, expected, agent, Path(config.store.path), settle_timeout)
+                await _settle(mes, expected, agent.check, Path(config.store.path), settle_timeout)
             progress(plan.units, "stopping the agent", False)
             code = agent.stop()
             if code != 0:
@@ -453,17 +453,18 @@ async def _agent_restart(
 async def _settle(
     mes: MesSimulator,
     expected: dict[tuple[str, str, str], Decimal],
-    agent: AgentProcess,
+    check: Callable[[], None],
     store: Path,
     timeout: float,
 ) -> bool:
     """Wait until the ledger holds what is expected and the agent's outbox is empty (its
     confirmations and exceptions delivered too); False if not within ``timeout`` (the
-    reconciliation then shows the difference)."""
+    reconciliation then shows the difference). ``check`` raises when waiting is pointless
+    (the agent died)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             while True:
-                agent.check()
+                check()
                 received = await asyncio.to_thread(mes.consumption)
                 arrived = all(received.get(k, Decimal(0)) == v for k, v in expected.items())
                 if arrived and await asyncio.to_thread(_outbox_depth, store) == 0:

@@ -37,7 +37,7 @@ import struct
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -129,6 +129,64 @@ class UnitOfWork:
     def audit(self, kind: str, ref: str, payload: bytes, at: str) -> None:
         """Append an audit entry (e.g. an applied command) to the hash chain."""
         self.ops.append(("audit", (kind, ref, hashlib.sha256(payload).hexdigest(), at)))
+
+
+_UPSERT_STATE = (
+    "INSERT INTO state VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+)
+_DELETE_STATE = "DELETE FROM state WHERE key = ?"
+_UPSERT_MASTERDATA = (
+    "INSERT INTO masterdata VALUES (?, ?, ?) "
+    "ON CONFLICT(kind, key) DO UPDATE SET value = excluded.value"
+)
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, topic, payload, created_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(message_id) DO NOTHING"
+)
+_NEWEST_OUTBOX_IDS = "SELECT message_id FROM outbox ORDER BY seq DESC LIMIT ?"
+_INSERT_JOURNAL = "INSERT OR IGNORE INTO journal VALUES (?, ?, ?, ?)"
+_INSERT_AUDIT = "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The ops of many units sorted by table, each table's in their order in the units.
+
+    ``state`` is runs of consecutive upserts or deletes (their relative order matters: a put
+    then a delete of one key), ``chained`` the ops that may append to the audit chain
+    (``enqueue`` and ``audit``), in op order."""
+
+    state: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
+    masterdata: list[tuple[Any, ...]] = field(default_factory=list)
+    outbox: list[tuple[Any, ...]] = field(default_factory=list)
+    journal: list[tuple[Any, ...]] = field(default_factory=list)
+    chained: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, units: Sequence[UnitOfWork]) -> _Batch:
+        batch = cls()
+        state_run: list[tuple[Any, ...]] = []
+        state_op = ""
+        for unit in units:
+            for op, args in unit.ops:
+                if op in ("state", "delete_state"):
+                    if op != state_op:
+                        state_op, state_run = op, []
+                        statement = _UPSERT_STATE if op == "state" else _DELETE_STATE
+                        batch.state.append((statement, state_run))
+                    state_run.append(args)
+                elif op == "masterdata":
+                    batch.masterdata.append(args)
+                elif op == "enqueue":
+                    batch.outbox.append(args)
+                    batch.chained.append((op, args))
+                elif op == "journal":
+                    batch.journal.append(args)
+                elif op == "audit":
+                    batch.chained.append((op, args))
+                else:
+                    raise AssertionError(f"unknown unit-of-work operation {op!r}")
+        return batch
 
 
 class Store:
@@ -283,16 +341,20 @@ class Store:
         await self.commit_units([uow])
 
     async def commit_units(self, units: Sequence[UnitOfWork]) -> None:
-        """Commit many units in one SQLite transaction (one fsync), in order; all or none."""
+        """Commit many units in one SQLite transaction (one fsync), in order; all or none.
+
+        The ops are sorted by table (:class:`_Batch`) and each table gets one ``executemany``,
+        so a commit is a handful of round trips to aiosqlite's thread whatever its size. Ops on
+        one table keep their order; ops on different tables commute inside the transaction.
+        The audit chain is computed here, in op order, from what SQLite says it inserted."""
+        batch = _Batch.of(units)
         async with self._lock:
             # read under the lock: a committer that waited must continue the chain as it is now
             seq, digest = self._audit_seq, self._audit_hash
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for unit in units:
-                        for op, args in unit.ops:
-                            seq, digest = await self._apply(op, args, seq, digest)
+                    seq, digest = await self._write(batch, seq, digest)
                     crash_point("store.before_commit")
                     await self._db.execute("COMMIT")
                 except BaseException:
@@ -313,53 +375,61 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 await self._db.execute("ROLLBACK")
 
-    async def _apply(
-        self, op: str, args: tuple[Any, ...], seq: int, digest: str
-    ) -> tuple[int, str]:
+    async def _write(self, batch: _Batch, seq: int, digest: str) -> tuple[int, str]:
+        """Write ``batch`` inside the open transaction; returns the new head of the chain."""
         db = self._db
-        if op == "state":
-            await db.execute(
-                "INSERT INTO state VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                args,
-            )
-        elif op == "delete_state":
-            await db.execute("DELETE FROM state WHERE key = ?", args)
-        elif op == "masterdata":
-            await db.execute(
-                "INSERT INTO masterdata VALUES (?, ?, ?) "
-                "ON CONFLICT(kind, key) DO UPDATE SET value = excluded.value",
-                args,
-            )
-        elif op == "enqueue":
-            message_id, topic, payload, created_at = args
-            cursor = await db.execute(
-                "INSERT INTO outbox (message_id, topic, payload, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(message_id) DO NOTHING",
-                (message_id, topic, payload, created_at),
-            )
-            if cursor.rowcount == 1:
-                payload_sha = hashlib.sha256(payload).hexdigest()
-                return await self._chain(seq, digest, created_at, "outbox", message_id, payload_sha)
-        elif op == "journal":
-            await db.execute("INSERT OR IGNORE INTO journal VALUES (?, ?, ?, ?)", args)
-        elif op == "audit":
-            kind, ref, payload_sha, at = args
-            return await self._chain(seq, digest, at, kind, ref, payload_sha)
-        else:
-            raise AssertionError(f"unknown unit-of-work operation {op!r}")
+        for statement, rows in batch.state:
+            await db.executemany(statement, rows)
+        if batch.masterdata:
+            await db.executemany(_UPSERT_MASTERDATA, batch.masterdata)
+        fresh = await self._insert_outbox(batch.outbox)
+        if batch.journal:
+            await db.executemany(_INSERT_JOURNAL, batch.journal)
+        entries: list[tuple[int, str, str, str, str, str, str]] = []
+        for op, args in batch.chained:
+            if op == "enqueue":
+                message_id, _topic, payload, at = args
+                if fresh is not None:
+                    if message_id not in fresh:
+                        continue  # already in the outbox, or enqueued earlier in this batch
+                    fresh.discard(message_id)
+                kind, ref, payload_sha = "outbox", message_id, hashlib.sha256(payload).hexdigest()
+            else:
+                kind, ref, payload_sha, at = args
+            seq += 1
+            prev, digest = digest, chain_hash(digest, seq, at, kind, ref, payload_sha)
+            entries.append((seq, at, kind, ref, payload_sha, prev, digest))
+        if fresh:
+            raise AssertionError(f"outbox rows inserted but not matched to an enqueue: {fresh}")
+        if entries:
+            await db.executemany(_INSERT_AUDIT, entries)
         return seq, digest
 
-    async def _chain(
-        self, seq: int, prev: str, at: str, kind: str, ref: str, payload_sha: str
-    ) -> tuple[int, str]:
-        seq += 1
-        digest = chain_hash(prev, seq, at, kind, ref, payload_sha)
-        await self._db.execute(
-            "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, at, kind, ref, payload_sha, prev, digest),
-        )
-        return seq, digest
+    async def _insert_outbox(self, rows: list[tuple[Any, ...]]) -> set[str] | None:
+        """Insert every enqueued row in op order (a message id already there is skipped, as
+        one enqueued twice in the batch); returns the message ids inserted, or None for all.
+
+        Every row goes to SQLite, duplicates too, so the seqs are those of inserting one by one
+        (a skipped row still uses up an AUTOINCREMENT value). Which rows went in is SQLite's
+        word, not a guess: the rowcount says how many, and only when that is fewer than were
+        enqueued are their ids read back, as the newest seqs (AUTOINCREMENT puts every new row
+        above all the rows there are, and nothing else writes while the transaction is open).
+        """
+        if not rows:
+            return None
+        inserted = (await self._db.executemany(_INSERT_OUTBOX, rows)).rowcount
+        if inserted == len(rows):
+            return None  # each statement inserts at most one row, so every one did
+        if inserted == 0:
+            return set()
+        if not all(isinstance(row[0], str) for row in rows):
+            # SQLite keeps 5 as '5': an id that is not a str cannot be matched to its row
+            raise TypeError("a message id enqueued in a batch with a repeated id is not a str")
+        newest = await self._db.execute_fetchall(_NEWEST_OUTBOX_IDS, (inserted,))
+        fresh = {str(r[0]) for r in newest}
+        if len(fresh) != inserted:
+            raise AssertionError(f"{inserted} outbox rows inserted, {len(fresh)} read back")
+        return fresh
 
     # ------------------------------------------------------------------ reading
 

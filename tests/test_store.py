@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.errors import StoreError
-from edge_agent.store import GENESIS, SCHEMA_VERSION, Store, UnitOfWork
+from edge_agent.store import GENESIS, SCHEMA_VERSION, Store, UnitOfWork, chain_hash
 
 TOPIC = "acme/hamburg/creams/line-1/line1-edge/out/material-consumed"
 AT = "2026-11-22T08:00:00.000Z"
@@ -1115,6 +1115,19 @@ async def test_a_commit_makes_as_many_round_trips_for_500_units_as_for_one(
     ]
     # new units: an outbox and a command entry; repeats: the command entry only
     assert (await store.verify_audit()).entries == 2 * 501 + 2 * 250 + 250
+
+
+@example(texts=["\ud800", "Crème ✓", '"\\/', "\x00\x1f\x7f", "\U0001f600"], seq=2**63 - 1)
+@given(
+    texts=st.lists(st.text(st.characters(exclude_categories=())), min_size=5, max_size=5),
+    seq=st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_chain_hash_is_the_documented_formula(texts: list[str], seq: int) -> None:
+    """The hash is ``sha256(json([prev_hash, seq, at, kind, ref, payload_sha256]))`` with
+    compact separators, for any text (non-ASCII, control characters, lone surrogates)."""
+    prev, at, kind, ref, payload_sha = texts
+    encoded = json.dumps([prev, seq, at, kind, ref, payload_sha], separators=(",", ":"))
+    assert chain_hash(prev, seq, at, kind, ref, payload_sha) == sha(encoded.encode())
 
 
 @pytest.mark.asyncio

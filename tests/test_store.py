@@ -1146,3 +1146,57 @@ async def test_a_message_id_not_a_str_fails_a_batch_that_repeats_an_id(store: St
     await store.commit_units([unit])
     assert outbox_ids(store.path) == ["m-1", "m-2", "5"]
     assert (await store.verify_audit()).entries == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("column", ["seq", "message_id"])
+async def test_acknowledging_more_keys_than_one_statement_takes_is_one_transaction(
+    store: Store, column: str
+) -> None:
+    """Past 512 keys the deletes go in several statements inside one transaction: repeats
+    (across statements too) and absent keys are counted once and not at all, and a key that
+    fails in a later statement leaves every row there."""
+    await store.commit_units([msg_unit(*(f"m-{i:04d}" for i in range(1200)))])
+    rows = await store.outbox_batch(2000)
+    keys = [r.seq if column == "seq" else r.message_id for r in rows]
+    acknowledge = store.acknowledge if column == "seq" else store.acknowledge_ids
+    absent = 10**6 if column == "seq" else "never-enqueued"
+
+    with pytest.raises(StoreError):
+        await acknowledge([*keys[:700], object()])  # in the second statement
+    assert await store.outbox_depth() == 1200
+
+    wanted = [*keys[:700], keys[0], keys[600], absent, keys[3]]
+    assert await acknowledge(wanted) == 700
+    assert [r.message_id for r in await store.outbox_batch(2000)] == [
+        r.message_id for r in rows[700:]
+    ]
+    assert await acknowledge(keys) == 500
+    assert await store.outbox_depth() == 0
+
+
+@pytest.mark.asyncio
+async def test_an_acknowledgement_is_one_round_trip(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to 512 keys are deleted with one statement, its own transaction in autocommit mode
+    (BEGIN IMMEDIATE, the deletes and COMMIT were three hops to aiosqlite's thread)."""
+    await store.commit_units([msg_unit(*(f"m-{i}" for i in range(600)))])
+    seqs = [r.seq for r in await store.outbox_batch(1000)]
+    statements: list[str] = []
+    execute = store._db.execute
+
+    def counted(sql: str, *args: Any) -> Any:
+        statements.append(sql.partition(" (")[0])
+        return execute(sql, *args)
+
+    monkeypatch.setattr(store._db, "execute", counted)
+    assert await store.acknowledge(seqs[:3]) == 3
+    assert await store.acknowledge_ids(["m-3", "m-3", "m-4"]) == 2
+    assert await store.acknowledge(seqs[5:517]) == 512
+    assert statements == [
+        "DELETE FROM outbox WHERE seq IN",
+        "DELETE FROM outbox WHERE message_id IN",
+        "DELETE FROM outbox WHERE seq IN",
+    ]
+    assert await store.outbox_depth() == 600 - 517

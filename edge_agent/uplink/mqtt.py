@@ -25,12 +25,17 @@
 
 paho runs its network loop on its own thread; callbacks hop onto the asyncio loop with
 ``call_soon_threadsafe``, so every piece of uplink state is touched by the event loop only.
+PUBACKs hop in batches (one wake-up of the loop for all that came meanwhile), rows are read ahead
+and deleted by a task of their own: while draining a backlog the publishing path waits for
+neither a query nor an fsync (docs/benchmarks.md has the before and after).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +57,9 @@ from edge_agent.errors import EdgeAgentError, InputError, StoreError
 from edge_agent.messages import StatusMessage
 
 log = structlog.get_logger(__name__)
+
+READ_AHEAD = 500  # outbox rows read in one query while draining (about 0.5 MB of messages)
+ACK_GROUP_S = 0.005  # acknowledged rows wait this long for more to delete in the same commit
 
 
 class UplinkError(EdgeAgentError):
@@ -115,7 +123,13 @@ class MqttUplink:
         self._wake = asyncio.Event()
         self._inflight: dict[int, OutboxRow] = {}  # paho mid → row
         self._acked: list[int] = []
+        # PUBACKs reach the event loop in batches: one wake-up of the loop for all the PUBACKs
+        # paho read since the last one, not one per message (a wake-up is two system calls and
+        # a trip round the loop: at full speed that was a quarter of the uplink's CPU)
+        self._puback_lock = threading.Lock()
+        self._puback_batch: list[tuple[int, ReasonCode]] = []
         self._window_free = asyncio.Event()
+        self._acks_ready = asyncio.Event()
         self._epoch = 0  # bumped on every (re)connect: PUBACKs of an older session are ignored
         self.refusal: Refusal | None = None
         self.published = 0
@@ -204,6 +218,7 @@ class MqttUplink:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._status_loop(), name="uplink.status")
             tg.create_task(self._publish_loop(), name="uplink.publish")
+            tg.create_task(self._ack_loop(), name="uplink.acknowledge")
 
     async def _status_loop(self) -> None:
         """The retained status: soon after each connect, then every ``status_interval_s``."""
@@ -229,40 +244,67 @@ class MqttUplink:
                 continue
 
     async def _pump(self, epoch: int) -> None:
+        """Publish from the outbox head, in order, keeping the window full.
+
+        Rows are read ahead (``READ_AHEAD`` a query) and deleted by :meth:`_ack_loop` as their
+        PUBACKs come, so neither a read nor a delete's fsync stalls publishing. A fresh session
+        and a rescan from the head first delete what is already acknowledged: a row the broker
+        has is not sent again just because its delete had not happened yet.
+        """
         after = 0
+        ahead: deque[OutboxRow] = deque()
         window = self._config.mqtt.inflight_window
+        await self._flush_acks()
         while True:
             self._check(epoch)
-            await self._flush_acks()
             if self.refusal is not None:
                 await self._hold_after_refusal(epoch)
                 after = 0
+                ahead.clear()
                 continue
             if self._awaiting and self._mes_ack_overdue():
                 log.warning("mes_ack_overdue", unacknowledged=len(self._awaiting))
                 self._awaiting.clear()
                 after = 0  # publish again from the head: the MES deduplicates
+                ahead.clear()
                 continue
             room = window - len(self._inflight) - len(self._awaiting)
             if room <= 0:
                 self._window_free.clear()
                 await _wait_any(self._window_free, timeout=1.0)
                 continue
-            rows = await self._outbox.outbox_batch(room, after_seq=after)
-            self._check(epoch)
-            if not rows:
+            if not ahead:
                 self._wake.clear()
-                await _wait_any(self._wake, timeout=1.0)
-                if not self._inflight and not self._awaiting:
-                    after = 0  # rescan from the head: anything left there must go again
-                continue
-            for row in rows:
+                ahead.extend(await self._outbox.outbox_batch(max(room, READ_AHEAD), after))
+                self._check(epoch)
+                if not ahead:
+                    await _wait_any(self._wake, timeout=1.0)
+                    if not self._inflight and not self._awaiting:
+                        await self._flush_acks()
+                        after = 0  # rescan from the head: anything left there must go again
+                    continue
+            for _ in range(min(room, len(ahead))):
+                row = ahead.popleft()
                 info = self._client.publish(row.topic, row.payload, qos=1)
                 crash_point("uplink.after_publish")
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     raise _Reconnected  # not connected any more: wait and start again
                 self._inflight[info.mid] = row
                 after = row.seq
+
+    async def _ack_loop(self) -> None:
+        """Delete acknowledged rows as they come, all that came during the last delete in one
+        commit: the group grows by itself with the rate, and publishing never waits for it."""
+        group = max(1, self._config.mqtt.inflight_window // 2)
+        while True:
+            await self._acks_ready.wait()
+            if len(self._acked) < group:  # let a few more come: one fsync for many rows
+                await asyncio.sleep(ACK_GROUP_S)
+            self._acks_ready.clear()
+            await self._flush_acks()
+            if self._ack_failing:  # the store cannot commit: try again in a while
+                await asyncio.sleep(1.0)
+                self._acks_ready.set()
 
     async def _hold_after_refusal(self, epoch: int) -> None:
         """A refused row blocks the queue (order is kept) until a retry succeeds.
@@ -328,9 +370,15 @@ class MqttUplink:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
+    def _seal_pubacks(self) -> None:
+        """A new batch from here: the PUBACKs of a session are handled before its end."""
+        with self._puback_lock:
+            self._puback_batch = []
+
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
+        self._seal_pubacks()
         self._call(self._connected_now, rc, bool(flags.session_present))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -339,12 +387,17 @@ class MqttUplink:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
+        self._seal_pubacks()
         self._call(self._disconnected_now, rc)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
     ) -> None:
-        self._call(self._puback, mid, rc.value, str(rc))
+        with self._puback_lock:
+            batch = self._puback_batch
+            batch.append((mid, rc))
+        if len(batch) == 1:  # the first of a batch: the loop takes this one and what follows
+            self._call(self._pubacks, batch)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != self.mes_ack_topic:
@@ -414,19 +467,27 @@ class MqttUplink:
         self._window_free.set()
         log.warning("mqtt_disconnected", reason=str(rc))
 
-    def _puback(self, mid: int, code: int, reason: str) -> None:
+    def _pubacks(self, batch: list[tuple[int, ReasonCode]]) -> None:
+        with self._puback_lock:
+            if self._puback_batch is batch:
+                self._puback_batch = []  # sealed: later PUBACKs start a batch of their own
+        for mid, rc in batch:
+            self._puback(mid, rc)
+
+    def _puback(self, mid: int, rc: ReasonCode) -> None:
         row = self._inflight.pop(mid, None)
         self._window_free.set()
         if row is None:
             return  # the status message, or a PUBACK from before a reconnect
+        code = rc.value
         if code >= 0x80:
             if self.refusal is None:
-                self.refusal = Refusal(row.seq, row.message_id, row.topic, reason, code)
+                self.refusal = Refusal(row.seq, row.message_id, row.topic, str(rc), code)
                 log.error(
                     "mqtt_publish_refused",
                     message_id=row.message_id,
                     topic=row.topic,
-                    reason=reason,
+                    reason=str(rc),
                     code=hex(code),
                 )
             return
@@ -435,14 +496,14 @@ class MqttUplink:
             self._awaiting[row.message_id] = self._loop.time()
         else:
             self._acked.append(row.seq)
-        self._wake.set()
+            self._acks_ready.set()
 
     def _mes_acked(self, ids: list[str]) -> None:
         for message_id in ids:
             self._awaiting.pop(message_id, None)
         self._acked_ids += ids  # deleted by id, even if acknowledged after a reconnect
         self._window_free.set()
-        self._wake.set()
+        self._acks_ready.set()
 
     def _status(
         self, state: Literal["online", "offline"], figures: Mapping[str, Any] | None = None

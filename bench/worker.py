@@ -29,6 +29,7 @@ import structlog
 from bench.payload import CONFIG_DIR, Template
 
 GROUP = 500  # rows per commit when grouped: the engine's batch limit (docs/runtime.md)
+MB = 1024 * 1024
 
 
 def emit(**fields: Any) -> None:
@@ -49,32 +50,57 @@ class Progress:
 
 
 class Memory:
-    """Samples this process's resident memory every 20 ms; the peak per phase."""
+    """Samples a process's resident memory every 20 ms (this one's by default); the peak per
+    phase, and every 0.1 s a point (seconds since start, MB, and ``depth()`` if given) of the
+    time series the plots draw."""
 
-    def __init__(self) -> None:
-        self._proc = psutil.Process()
+    def __init__(
+        self,
+        proc: psutil.Process | None = None,
+        depth: Callable[[], int] | None = None,
+        every: float = 0.02,
+        series_every: float = 0.1,
+    ) -> None:
+        self._proc = proc or psutil.Process()
+        self._depth = depth
+        self._every = every
+        self._series_every = series_every
         self.phase = "start"
         self.peaks: dict[str, int] = {}
+        self.series: list[tuple[float, str, float, int | None]] = []
+        self.t0 = time.perf_counter()
+        self.started_at = time.time()  # the series' zero, on the clock the bench uses too
+        self._next_point = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench.rss", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(self._every):
             self.sample()
 
     def sample(self) -> None:
-        rss = self._proc.memory_info().rss
+        try:
+            rss = self._proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            return
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+        now = time.perf_counter() - self.t0
+        if now >= self._next_point:
+            self._next_point = now + self._series_every
+            depth = self._depth() if self._depth is not None else None
+            self.series.append((round(now, 3), self.phase, round(rss / MB, 2), depth))
 
     def enter(self, phase: str) -> None:
         self.sample()
         self.phase = phase
+        self._next_point = 0.0  # a point at every phase change
         self.sample()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._next_point = 0.0  # the series ends with the state at the stop
         self.sample()
 
 
@@ -313,13 +339,16 @@ async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
     from edge_agent.store import Store, UnitOfWork
     from edge_agent.uplink.mqtt import MqttUplink
 
-    memory = Memory()
     template = Template.from_json(p["template"])
     n, window = int(p["n"]), int(p["window"])
     db = Path(p["workdir"]) / f"backlog-{n}.db"
     config = _uplink_config(int(p["port"]), db, window)
     created = "2026-11-23T06:00:00.000Z"
+    committed = 0
     async with Store.open(db, "FULL") as store, MqttUplink(config, store) as uplink:
+        # the outbox depth for the time series, counted (committed − acknowledged and deleted),
+        # not queried: a count(*) now and then would take time from the drain it measures
+        memory = Memory(depth=lambda: committed - uplink.published)
         pump = asyncio.create_task(uplink.run(), name="bench.uplink")
         memory.enter("fill")
         fill_progress = Progress(n, "fill")
@@ -332,8 +361,9 @@ async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
                 uow.enqueue(message_id, template.topic, payload, created)
                 units.append(uow)
             await store.commit_units(units)
+            committed += len(units)
             uplink.notify()
-            fill_progress(first + len(units))
+            fill_progress(committed)
         fill_s, fill_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         fill_progress(n, force=True)
         memory.enter("wait")
@@ -354,20 +384,21 @@ async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
         with_suppressed = asyncio.gather(pump, return_exceptions=True)
         await with_suppressed
         depth = await store.outbox_depth()
-    mb = 1024 * 1024
     return {
         "fill": n / fill_s,
         "drain": n / drain_s,
-        "rss_fill": memory.peaks.get("fill", 0) / mb,
-        "rss_drain": memory.peaks.get("drain", 0) / mb,
-        "rss_start": memory.peaks.get("start", 0) / mb,
-        "max_rss": max_rss_bytes() / mb,
+        "rss_fill": memory.peaks.get("fill", 0) / MB,
+        "rss_drain": memory.peaks.get("drain", 0) / MB,
+        "rss_start": memory.peaks.get("start", 0) / MB,
+        "max_rss": max_rss_bytes() / MB,
         "cpu_fill_per_1000": 1000 * fill_cpu / n,
         "cpu_drain_per_1000": 1000 * drain_cpu / n,
         "fill_s": fill_s,
         "drain_s": drain_s,
         "depth_after": depth,
         "reconnects": uplink.reconnects,
+        # every 0.1 s: seconds since the worker started sampling, phase, RSS in MB, outbox depth
+        "series": memory.series,
     }
 
 

@@ -57,6 +57,12 @@ def test_a_tiny_run_reports_every_figure_and_compare_prints_the_change(
     assert details["paho"]["arrived"] >= details["paho"]["sent"] > 0
     assert details[f"backlog.{backlog}"]["arrived"] >= backlog
     assert details[f"backlog.{backlog}"]["depth_after"] == 0  # drained: nothing left behind
+    series = details[f"backlog.{backlog}"]["series"]  # (s, phase, MB, depth) for the plots
+    assert {"fill", "drain"} <= {phase for _t, phase, _mb, _depth in series}
+    assert max(depth for *_, depth in series) == backlog
+    assert series[-1][3] == 0
+    assert all(mb > 0 for _t, _phase, mb, _depth in series)
+    assert [t for t, *_ in series] == sorted(t for t, *_ in series)
     assert report["payload_bytes"] > 500  # a real material-consumed message, not a stub
     assert report["machine"]["cpus"] >= 1
 

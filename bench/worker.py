@@ -402,11 +402,178 @@ async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------- end to end
+
+
+def _high_water_mark(pid: int) -> int:
+    """The kernel's peak resident set of a process (VmHWM in /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+async def _drive(
+    plc: Any, wcs: list[str], events: int, rate: float | None
+) -> list[tuple[str, int, float]]:
+    """``events`` good-counter changes (+1), round robin over the work centres: at ``rate``
+    changes/s in all (paced on the loop's clock: a late change is not made up for), or as fast
+    as the simulator writes (None). Each is (work centre, new value, time.time() of the write)."""
+    loop = asyncio.get_running_loop()
+    values = {wc: int(plc.value(wc, "good")) for wc in wcs}
+    changes = []
+    start = loop.time()
+    for i in range(events):
+        wc = wcs[i % len(wcs)]
+        if rate is not None:
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif i % 50 == 49:
+            await asyncio.sleep(0)  # let the server's publish loop run
+        values[wc] += 1
+        changes.append((wc, values[wc], time.time()))
+        await plc.produce(wc, good=1)
+    return changes
+
+
+async def _wait_log(agent: Any, event: str, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while f'"event": "{event}"'.encode() not in agent.last_log():
+            agent.check()
+            await asyncio.sleep(0.05)
+
+
+def _log_problems(log: str) -> list[str]:
+    """What in the agent's JSON log says the run was not clean: an error anywhere, a warning
+    before its shutdown began (an exception raised, a connection lost or refused; the shutdown's
+    own "mqtt_disconnected" is not one), a line that is not JSON (a traceback), and an outbox
+    not empty at the stop."""
+    problems = []
+    stopping = False
+    outbox_left: object = "no agent_stopped line"
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problems.append(line[:300])
+            continue
+        event, level = entry.get("event"), entry.get("level")
+        stopping = stopping or event == "agent_stopping"
+        if event == "agent_stopped":
+            outbox_left = entry.get("outbox")
+        if level in ("error", "critical") or (level == "warning" and not stopping):
+            problems.append(line[:300])
+    if outbox_left != 0:
+        problems.append(f"the agent stopped with {outbox_left} messages in its outbox")
+    return problems
+
+
+async def stage_e2e(p: dict[str, Any]) -> dict[str, Any]:
+    """The PLC simulator (here, serving every work centre any run needs) → a real agent process
+    per run → mosquitto → the MES (the bench).
+
+    Each run starts an agent with its own store, configuration and orders (set on the PLC, the
+    counters zeroed, before the agent's first read). For each phase of a run
+    ``{"event": "phase", ...}`` is emitted, the changes are made, and the bench answers
+    ``arrived`` on stdin once the MES has every message of the phase; the agent's CPU seconds
+    are read from the OS before the first change and after that answer."""
+    from bench.e2e import write_line
+    from simulators.opcua_plc import LinePlc
+
+    plc_port, broker_port = int(p["plc_port"]), int(p["broker_port"])
+    most = max(int(r["work_centres"]) for r in p["runs"])
+    plc_dir = Path(p["workdir"]) / "e2e-plc"
+    plc_config, _ = write_line(plc_dir, "plc", most, 1, plc_port, broker_port)
+    results = []
+    async with LinePlc(plc_config, port=plc_port) as plc:
+        for run in p["runs"]:
+            emit(event="run", run=run["run"])
+            results.append(await _agent_run(plc, Path(p["workdir"]), run, broker_port))
+    return {"runs": results}
+
+
+async def _agent_run(
+    plc: Any, workdir: Path, run: dict[str, Any], broker_port: int
+) -> dict[str, Any]:
+    from bench.e2e import messages_per_change, order_of, write_line
+    from simulators.shift import AgentProcess
+
+    name = str(run["run"])
+    run_dir = workdir / name
+    wc_count, bom = int(run["work_centres"]), int(run["bom_lines"])
+    per_change = messages_per_change(bom)
+    config, path = write_line(run_dir, name, wc_count, bom, plc.port, broker_port)
+    wcs = [s.work_centre for s in config.sources]
+    for wc in wcs:  # this run's orders, counters zeroed, before its agent's first read
+        await plc.set_order(wc, order_of(name, wc))
+    phases: list[dict[str, Any]] = []
+    agent = AgentProcess(path, run_dir / "agent.log")
+    started = time.perf_counter()
+    agent.start()
+    try:
+        await agent.wait_connected(len(config.sources), timeout=120)
+        await _wait_log(agent, "mqtt_connected")
+        startup_s = time.perf_counter() - started
+        assert agent.process is not None
+        pid = agent.process.pid
+        proc = psutil.Process(pid)
+        memory = Memory(proc)
+        for phase in run["phases"]:
+            phase_name, events = str(phase["name"]), int(phase["events"])
+            rate = None if phase.get("rate") is None else float(phase["rate"])
+            emit(event="phase", run=name, phase=phase_name, messages=events * per_change)
+            memory.enter(phase_name)
+            t = proc.cpu_times()
+            cpu0 = t.user + t.system
+            changes = await _drive(plc, wcs, events, rate)  # the bench shows the MES's count
+            written = time.time()
+            answer = await asyncio.to_thread(sys.stdin.readline)
+            if answer.strip() != "arrived":
+                raise RuntimeError(f"{name} {phase_name}: the bench answered {answer.strip()!r}")
+            t = proc.cpu_times()
+            agent.check()
+            (run_dir / f"{phase_name}.changes.json").write_text(json.dumps(changes))
+            phases.append({
+                "name": phase_name,
+                "changes": events,
+                "rate": rate,
+                "first_change": changes[0][2],
+                "write_s": written - changes[0][2],
+                "cpu_s": t.user + t.system - cpu0,
+                "rss_peak": memory.peaks.get(phase_name, 0) / MB,
+                "rss_from": memory.started_at - changes[0][2],  # the series' zero, from here
+            })  # fmt: skip
+            memory.enter("idle")
+        hwm = _high_water_mark(pid)
+        memory.stop()
+    finally:
+        code = agent.stop()
+    problems = _log_problems((run_dir / "agent.log").read_text(errors="replace"))
+    return {
+        "run": name,
+        "work_centres": wc_count,
+        "bom_lines": bom,
+        "messages_per_change": per_change,
+        "startup_s": startup_s,
+        "phases": phases,
+        "rss_hwm": hwm / MB,
+        "rss_sampled_peak": max(memory.peaks.values(), default=0) / MB,
+        # every 0.1 s: seconds since sampling started, phase, the agent's RSS in MB
+        "rss_series": [(t, phase, mb) for t, phase, mb, _ in memory.series],
+        "agent_exit": code,
+        "agent_log_problems": problems,
+        "subscription": config.sources[0].subscription.model_dump(mode="json"),  # type: ignore[union-attr]  # every bench source is OPC UA
+    }
+
+
 STAGES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "sqlite": stage_sqlite,
     "paho": stage_paho,
     "asyncua": stage_asyncua,
     "backlog": stage_backlog,
+    "e2e": stage_e2e,
 }
 
 

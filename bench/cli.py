@@ -414,6 +414,8 @@ class Runner:
                 "cpu_s": ph["cpu_s"],
                 "cpu_per_1000_changes": 1000 * ph["cpu_s"] / ph["changes"],
                 "rss_peak": ph["rss_peak"],
+                # from the MES having the last message to the agent's outbox being empty
+                "outbox_emptied_s": ph["outbox_emptied_s"],
                 "arrivals": arrivals,
                 # the agent's RSS during the phase: (seconds since the first change, MB)
                 "rss": [

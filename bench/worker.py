@@ -10,6 +10,7 @@ finally ``{"result": {...}}``. Logs go to stderr, warnings and above only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -438,6 +439,19 @@ async def _drive(
     return changes
 
 
+async def _outbox_emptied(store: Path, agent: Any, timeout: float = 30.0) -> None:
+    """Until the agent's outbox is empty: what the MES has, the broker acknowledged, and the
+    agent deletes it then (read beside the running agent, as simulators/shift.py does: WAL
+    readers do not block its writer)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            agent.check()
+            with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+                if db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0:
+                    return
+            await asyncio.sleep(0.02)
+
+
 async def _wait_log(agent: Any, event: str, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while f'"event": "{event}"'.encode() not in agent.last_log():
@@ -534,6 +548,9 @@ async def _agent_run(
                 raise RuntimeError(f"{name} {phase_name}: the bench answered {answer.strip()!r}")
             t = proc.cpu_times()
             agent.check()
+            arrived = time.perf_counter()
+            await _outbox_emptied(Path(config.store.path), agent)
+            emptied = time.perf_counter() - arrived
             (run_dir / f"{phase_name}.changes.json").write_text(json.dumps(changes))
             phases.append({
                 "name": phase_name,
@@ -544,6 +561,7 @@ async def _agent_run(
                 "cpu_s": t.user + t.system - cpu0,
                 "rss_peak": memory.peaks.get(phase_name, 0) / MB,
                 "rss_from": memory.started_at - changes[0][2],  # the series' zero, from here
+                "outbox_emptied_s": emptied,
             })  # fmt: skip
             memory.enter("idle")
         hwm = _high_water_mark(pid)

@@ -143,6 +143,7 @@ def test_a_tiny_end_to_end_run_counts_every_message_and_times_every_change(
     assert throughput["messages"] == throughput["changes"] * 11 > 0
     assert throughput["arrivals"][-1][1] == throughput["messages"]  # every one arrived
     assert throughput["cpu_s"] >= 0
+    assert throughput["outbox_emptied_s"] >= 0  # and the outbox did empty before the stop
     assert wc1["rss_hwm"] >= wc1["rss_sampled_peak"] > 0  # the kernel's peak is the peak
     latency = report["details"]["e2e.latency"]
     assert latency["work_centres"] == 4

@@ -600,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="the quick run (default, ≤ 3 min)")
     size.add_argument("--full", action="store_true", help="the full run (1,000,000 backlog)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="draw the PNG plots into DIR (needs matplotlib; make bench-full "
+                        "sets it)")  # fmt: skip
     parser.add_argument("--compare", type=Path, metavar="OLD.json",
                         help="print each figure's change against an earlier report")  # fmt: skip
     parser.add_argument("--only", metavar="STAGE[,STAGE]",
@@ -635,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"written: {args.json}")
+    if args.plots:
+        from bench.plots import draw  # noqa: PLC0415  # matplotlib only when plots are asked for
+
+        for path in draw(report, args.plots):
+            console.print(f"plot: {path}")
     if old is not None:
         print_compare(old, report, console)
     return 0  # a report, not a gate: a shared machine's noise must not fail a build

@@ -237,3 +237,53 @@ def test_the_agent_log_of_a_clean_run_has_no_problems() -> None:
         "the agent stopped with 3 messages in its outbox"
     ]
     assert _log_problems("Traceback (most recent call last):\n" + "\n".join(clean))
+
+
+def test_plots_are_drawn_from_a_report(tmp_path: Path) -> None:
+    draw = pytest.importorskip("bench.plots").draw  # skipped where matplotlib is missing
+
+    latency = {
+        "work_centres": 4,
+        "bom_lines": 10,
+        "phases": {
+            f"latency{rate}": {
+                "offered_rate": rate,
+                "changes_per_s": rate * 0.9,
+                "latency": {"p50": 20.0 * k, "p99": 45.0 * k},
+                "latency_first_ms": [10.0 * k, 20.0 * k, 45.0 * k],
+            }
+            for k, rate in enumerate((100, 500), start=1)
+        },
+    }
+    throughput = {
+        "work_centres": 1,
+        "bom_lines": 10,
+        "phases": {
+            "throughput": {
+                "changes": 10,
+                "msg_per_s": 500.0,
+                "arrivals": [(0.1, 0), (0.2, 110)],
+                "rss": [(0.0, 80.0), (0.1, 90.0)],
+            }
+        },
+    }
+    backlog = {
+        "fill": 5000.0,
+        "drain": 8000.0,
+        "rss_drain": 55.0,
+        "series": [(0.0, "fill", 50.0, 0), (0.1, "wait", 52.0, 200), (0.2, "drain", 53.0, 0)],
+    }
+    report = {
+        "profile": "quick",
+        "started": "2026-11-29T08:00:00+00:00",
+        "machine": {"cpus": 2, "cpu_model": "test"},
+        "details": {"e2e.latency": latency, "e2e.wc1": throughput, "backlog.200": backlog},
+    }
+    written = draw(report, tmp_path / "plots")
+    assert sorted(p.name for p in written) == [
+        "backlog-200.png",
+        "e2e-throughput.png",
+        "latency.png",
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -509,8 +509,8 @@ def run(
     raws = [values.get(k) for k in ("raw.asyncua", "raw.paho_qos1", "raw.sqlite3_grouped")]
     if all(v is not None for v in raws):
         values["raw.slowest"] = min(v for v in raws if v is not None)
-    if {100_000, 1_000_000} <= set(profile.backlogs):
-        small, big = values["backlog.100000.rss_drain"], values["backlog.1000000.rss_drain"]
+    small, big = values.get("backlog.100000.rss_drain"), values.get("backlog.1000000.rss_drain")
+    if small and big:  # the full run's two backlogs (not when --only leaves the stage out)
         values["backlog.rss_growth"] = big / small
     specs = catalogue(profile.backlogs)
     table = rows(specs, values, runner.notes)

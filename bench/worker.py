@@ -31,6 +31,8 @@ from bench.payload import CONFIG_DIR, Template
 
 GROUP = 500  # rows per commit when grouped: the engine's batch limit (docs/runtime.md)
 MB = 1024 * 1024
+#: raw paho: messages handed to paho and not yet acknowledged, at most (below its 65,535 ids)
+MAX_OUTSTANDING = 30_000
 
 
 def emit(**fields: Any) -> None:
@@ -201,11 +203,15 @@ def stage_paho(p: dict[str, Any]) -> dict[str, Any]:
     refused = 0
     all_acked = threading.Event()
     connected = threading.Event()
+    # paho numbers its messages 1..65535 and refuses a publish whose number is still queued (it
+    # returns MQTT_ERR_QUEUE_SIZE and sends nothing): never more than this many outstanding
+    outstanding = threading.BoundedSemaphore(MAX_OUTSTANDING)
 
     def on_publish(_c: Any, _u: Any, _mid: int, rc: Any, _p: Any) -> None:
         nonlocal acked, refused
         acked += 1
         refused += int(rc.value >= 0x80)
+        outstanding.release()
         if acked == n:
             all_acked.set()
 
@@ -220,7 +226,13 @@ def stage_paho(p: dict[str, Any]) -> dict[str, Any]:
         messages = [template.message(i)[1] for i in range(n)]
         start = time.perf_counter()
         for payload in messages:
-            client.publish(template.topic, payload, qos=1)
+            if not outstanding.acquire(timeout=60):
+                raise RuntimeError(f"raw paho: no acknowledgement for 60 s ({acked} of {n})")
+            info = client.publish(template.topic, payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise RuntimeError(
+                    f"raw paho: publish refused by paho: {mqtt.error_string(info.rc)}"
+                )
         while not all_acked.wait(0.1):
             progress(acked)
             if time.perf_counter() - start > 600:

@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench --quick --json bench-quick.json
 
 bench-full: $(STAMP)
-	$(BIN)/python -m bench --full --json bench-full.json
+	$(BIN)/python -m bench --full --json bench-full.json --plots bench-plots
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -36,13 +36,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from bench.e2e import OUT_TOPIC, MatchError, latency_figures, match, messages_per_change, parse
 from bench.figures import catalogue, changes, rows
 from bench.payload import CONFIG_DIR, Template, material_consumed
 from simulators.broker import free_port
 from simulators.mosquitto import Broker, has_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("sqlite", "paho", "asyncua", "backlog")
+STAGES = ("sqlite", "paho", "asyncua", "backlog", "e2e")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,10 @@ class Profile:
     paho: int
     asyncua: int
     backlogs: tuple[int, ...]
+    #: end to end: counter changes of each throughput run (BOM 10; the BOM 100 run makes as
+    #: many messages), and the seconds of each paced latency phase
+    e2e_changes: int
+    latency_s: float
 
     def scaled(self, scale: float) -> Profile:
         def s(n: int) -> int:
@@ -65,11 +70,46 @@ class Profile:
             s(self.paho),
             s(self.asyncua),
             tuple(s(n) for n in self.backlogs),
+            s(self.e2e_changes),
+            self.latency_s * scale,
         )
 
 
-QUICK = Profile("quick", 1_000, 20_000, 20_000, 20_000, (100_000,))
-FULL = Profile("full", 5_000, 200_000, 100_000, 100_000, (100_000, 1_000_000))
+QUICK = Profile("quick", 1_000, 20_000, 20_000, 20_000, (100_000,), 1_000, 4.0)
+FULL = Profile("full", 5_000, 200_000, 100_000, 100_000, (100_000, 1_000_000), 6_000, 30.0)
+#: work centres of the latency runs (the issue names none; 4 is the middle of 1, 4, 16)
+LATENCY_WCS = 4
+LATENCY_RATES = (100, 500)
+
+
+@dataclass(frozen=True, slots=True)
+class E2eRun:
+    """One agent process: ``work_centres`` sources, a ``bom_lines`` BOM, phases in turn; each
+    phase is (name, changes, rate): ``rate`` changes/s in all, None: as fast as written."""
+
+    name: str
+    work_centres: int
+    bom_lines: int
+    phases: tuple[tuple[str, int, float | None], ...]
+
+
+def e2e_runs(profile: Profile) -> list[E2eRun]:
+    n = profile.e2e_changes
+    per10, per100 = messages_per_change(10), messages_per_change(100)
+    runs = [E2eRun(f"wc{wc}", wc, 10, (("throughput", n, None),)) for wc in (1, 4, 16)]
+    runs.append(E2eRun("bom100", 4, 100, (("throughput", max(4, n * per10 // per100), None),)))
+    runs.append(
+        E2eRun(
+            "latency",
+            LATENCY_WCS,
+            10,
+            tuple(
+                (f"latency{rate}", max(4, round(rate * profile.latency_s)), float(rate))
+                for rate in LATENCY_RATES
+            ),
+        )
+    )
+    return runs
 
 
 def inflight_window() -> int:
@@ -82,10 +122,13 @@ def inflight_window() -> int:
 
 
 class Counter:
-    """The MES: a persistent MQTT 5 session subscribed at QoS 1, counting what arrives."""
+    """The MES: a persistent MQTT 5 session subscribed at QoS 1, counting what arrives; with
+    ``record``, also each message's receipt time (``time.time()``, taken in paho's callback),
+    topic and payload, parsed only after the run so the parsing takes no CPU from it."""
 
-    def __init__(self, port: int, topic: str, client_id: str) -> None:
+    def __init__(self, port: int, topic: str, client_id: str, record: bool = False) -> None:
         self.count = 0
+        self.records: list[tuple[float, str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -98,8 +141,11 @@ class Counter:
         def on_connect(c: mqtt.Client, *_: Any) -> None:
             c.subscribe(topic, qos=1)
 
-        def on_message(*_: Any) -> None:
+        def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+            at = time.time()
             with self._lock:
+                if record:
+                    self.records.append((at, message.topic, bytes(message.payload)))
                 self.count += 1
 
         self.client.on_connect = on_connect
@@ -109,6 +155,11 @@ class Counter:
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("the MES subscriber could not subscribe")
+
+    def recorded(self) -> list[tuple[float, str, bytes]]:
+        """What ``record`` kept so far: (receipt time, topic, payload), in order of arrival."""
+        with self._lock:
+            return list(self.records)
 
     def wait_for(self, n: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -149,13 +200,15 @@ class Runner:
         stage: str,
         params: dict[str, Any],
         task: TaskID,
-        on_event: Callable[[str], None] = lambda _e: None,
+        on_event: Callable[[dict[str, Any], subprocess.Popen[str]], None] = lambda _m, _p: None,
     ) -> dict[str, Any]:
-        """Run one worker process; its progress lines move ``task``; its result is returned."""
+        """Run one worker process; its progress lines move ``task``; its events go to
+        ``on_event`` (which may answer on the worker's stdin); its result is returned."""
         stderr = (self.workdir / f"{stage}.stderr").open("w")
         params = {"workdir": str(self.workdir), "template": self.template.to_json(), **params}
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", stage, json.dumps(params)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -174,7 +227,7 @@ class Runner:
                         description=f"{stage}: {msg['task']}",
                     )
                 elif "event" in msg:
-                    on_event(msg["event"])
+                    on_event(msg, proc)
                 elif "result" in msg:
                     result = msg["result"]
         if proc.returncode != 0 or result is None:
@@ -229,8 +282,8 @@ class Runner:
             try:
                 broker.stop()  # the broker is down while the outbox fills
 
-                def filled(event: str) -> None:
-                    if event == "filled":
+                def filled(msg: dict[str, Any], _proc: object) -> None:
+                    if msg["event"] == "filled":
                         broker.start()  # the MES session (persistent) comes back with it
 
                 r = self.worker("backlog", {"port": broker.port, "n": n, "window": window},
@@ -250,6 +303,158 @@ class Runner:
             )
         self.progress.update(task, description=f"backlog {n:,}: done")
         self.progress.stop_task(task)
+
+    def e2e(self, runs: list[E2eRun]) -> None:
+        """The agent runs in turn, against one PLC simulator (a worker) and the MES (here)."""
+        tasks = {r.name: self.progress.add_task(f"e2e {r.name}: waiting", total=None) for r in runs}
+        first = tasks[runs[0].name]
+        self.progress.update(first, description="e2e: simulator starting")
+        with mosquitto(self.workdir / "broker-e2e") as broker:
+            mes = Counter(broker.port, OUT_TOPIC, "bench-mes-e2e", record=True)
+            try:
+                expected = [0]  # messages of every phase so far
+
+                def on_event(msg: dict[str, Any], proc: subprocess.Popen[str]) -> None:
+                    task = tasks[msg["run"]]
+                    if msg["event"] == "run":
+                        self.progress.update(task, description=f"e2e {msg['run']}: agent starting")
+                        self.progress.start_task(task)
+                        return
+                    if msg["event"] != "phase":
+                        return
+                    before, n = expected[0], int(msg["messages"])
+                    expected[0] += n
+                    self.progress.update(task, description=f"e2e {msg['run']}: {msg['phase']}",
+                                         completed=0, total=n)  # fmt: skip
+                    # the agent needs far less than a second per 100 messages on any machine
+                    deadline = time.monotonic() + 30 + n / 100
+                    answer = "arrived"
+                    while mes.count < expected[0]:
+                        if proc.poll() is not None:
+                            return
+                        if time.monotonic() > deadline:
+                            answer = f"timeout: the MES got {mes.count - before} of {n}"
+                            break
+                        self.progress.update(task, completed=mes.count - before)
+                        time.sleep(0.02)
+                    self.progress.update(task, completed=mes.count - before)
+                    assert proc.stdin is not None
+                    proc.stdin.write(answer + "\n")
+                    proc.stdin.flush()
+
+                params = {
+                    "plc_port": free_port(),
+                    "broker_port": broker.port,
+                    "runs": [
+                        {
+                            "run": r.name,
+                            "work_centres": r.work_centres,
+                            "bom_lines": r.bom_lines,
+                            "phases": [
+                                {"name": p, "events": e, "rate": rate} for p, e, rate in r.phases
+                            ],
+                        }
+                        for r in runs
+                    ],
+                }
+                result = self.worker("e2e", params, first, on_event)
+                time.sleep(0.5)  # anything more than the phases made (nothing should come)
+                records = mes.recorded()
+            finally:
+                mes.close()
+        total = expected[0]
+        if len(records) != total:
+            raise RuntimeError(f"e2e: the MES got {len(records)} messages, not {total}")
+        start = 0
+        for run, r in zip(runs, result["runs"], strict=True):
+            n = sum(ph["changes"] for ph in r["phases"]) * r["messages_per_change"]
+            self._e2e_figures(run, r, records[start : start + n])
+            start += n
+            self.progress.update(tasks[run.name], description=f"e2e {run.name}: done")
+            self.progress.stop_task(tasks[run.name])
+
+    def _e2e_figures(
+        self, run: E2eRun, r: dict[str, Any], records: list[tuple[float, str, bytes]]
+    ) -> None:
+        per_change = int(r["messages_per_change"])
+        if r["agent_exit"] != 0 or r["agent_log_problems"]:
+            raise RuntimeError(
+                f"e2e {run.name}: the agent exited with {r['agent_exit']}; its log: "
+                + " | ".join(r["agent_log_problems"][:5])
+            )
+        received = [parse(*rec) for rec in records]
+        detail: dict[str, Any] = {
+            k: r[k]
+            for k in ("work_centres", "bom_lines", "messages_per_change", "startup_s",
+                      "rss_hwm", "rss_sampled_peak", "subscription")
+        }  # fmt: skip
+        detail["phases"] = {}
+        start = 0
+        for ph in r["phases"]:
+            n = ph["changes"] * per_change
+            mine, start = received[start : start + n], start + n
+            changed = json.loads(
+                (self.workdir / run.name / f"{ph['name']}.changes.json").read_text()
+            )
+            try:
+                matched = match([(wc, v, t) for wc, v, t in changed], mine, per_change)
+            except MatchError as exc:
+                raise RuntimeError(f"e2e {run.name} {ph['name']}: {exc}") from None
+            last = max(m.at for m in mine)
+            seconds = last - ph["first_change"]
+            arrivals = _arrivals(ph["first_change"], sorted(m.at for m in mine))
+            d: dict[str, Any] = {
+                "changes": ph["changes"],
+                "messages": n,
+                "offered_rate": ph["rate"],
+                "write_s": ph["write_s"],
+                "seconds": seconds,
+                "msg_per_s": n / seconds,
+                "changes_per_s": ph["changes"] / seconds,
+                "cpu_s": ph["cpu_s"],
+                "cpu_per_1000_changes": 1000 * ph["cpu_s"] / ph["changes"],
+                "rss_peak": ph["rss_peak"],
+                # from the MES having the last message to the agent's outbox being empty
+                "outbox_emptied_s": ph["outbox_emptied_s"],
+                "arrivals": arrivals,
+                # the agent's RSS during the phase: (seconds since the first change, MB)
+                "rss": [
+                    (round(t + ph["rss_from"], 3), mb)
+                    for t, phase, mb in r["rss_series"]
+                    if phase == ph["name"]
+                ],
+            }
+            if ph["rate"] is not None:
+                lat = latency_figures(matched)
+                d["latency"] = lat
+                d["latency_first_ms"] = [round(1000 * (m.first_at - m.changed_at), 3)
+                                         for m in matched]  # fmt: skip
+                rate = int(ph["rate"])
+                for q in ("p50", "p99", "max"):
+                    self.values[f"e2e.latency.{rate}.{q}"] = lat[q]
+                    if d["changes_per_s"] < 0.9 * rate:  # the queue grows all along the phase
+                        self.notes[f"e2e.latency.{rate}.{q}"] = (
+                            f"agent took {d['changes_per_s']:.0f}/s"
+                        )
+            detail["phases"][ph["name"]] = d
+        self.details[f"e2e.{run.name}"] = detail
+        if run.name != "latency":
+            d = detail["phases"]["throughput"]
+            if run.name.startswith("wc"):
+                self.values[f"e2e.throughput.{run.name}"] = d["msg_per_s"]
+            self.values[f"cost.cpu.{run.name}"] = d["cpu_per_1000_changes"]
+            self.values[f"cost.rss.{run.name}"] = r["rss_hwm"]
+
+
+def _arrivals(start: float, times: list[float], step: float = 0.1) -> list[tuple[float, int]]:
+    """(seconds since ``start``, messages the MES had by then), every ``step`` s and at the end."""
+    out, i, t = [], 0, step
+    while i < len(times):
+        while i < len(times) and times[i] - start <= t:
+            i += 1
+        out.append((round(t, 3), i))
+        t += step
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -274,7 +479,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(profile: Profile, only: set[str], console: Console) -> dict[str, Any]:
+def run(
+    profile: Profile, only: set[str], console: Console, e2e_only: set[str] | None = None
+) -> dict[str, Any]:
     window = inflight_window()
     info = machine()
     started = datetime.now(UTC)
@@ -296,12 +503,14 @@ def run(profile: Profile, only: set[str], console: Console) -> dict[str, Any]:
             if "backlog" in only:
                 for n in profile.backlogs:
                     runner.backlog(n, window)
+            if "e2e" in only:
+                runner.e2e([r for r in e2e_runs(profile) if e2e_only is None or r.name in e2e_only])
     values = runner.values
     raws = [values.get(k) for k in ("raw.asyncua", "raw.paho_qos1", "raw.sqlite3_grouped")]
     if all(v is not None for v in raws):
         values["raw.slowest"] = min(v for v in raws if v is not None)
-    if {100_000, 1_000_000} <= set(profile.backlogs):
-        small, big = values["backlog.100000.rss_drain"], values["backlog.1000000.rss_drain"]
+    small, big = values.get("backlog.100000.rss_drain"), values.get("backlog.1000000.rss_drain")
+    if small and big:  # the full run's two backlogs (not when --only leaves the stage out)
         values["backlog.rss_growth"] = big / small
     specs = catalogue(profile.backlogs)
     table = rows(specs, values, runner.notes)
@@ -320,6 +529,8 @@ def run(profile: Profile, only: set[str], console: Console) -> dict[str, Any]:
             "paho": profile.paho,
             "asyncua": profile.asyncua,
             "backlogs": list(profile.backlogs),
+            "e2e_changes": profile.e2e_changes,
+            "latency_s": profile.latency_s,
         },
         "details": runner.details,
         "figures": [r.to_json() for r in table],
@@ -389,10 +600,16 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="the quick run (default, ≤ 3 min)")
     size.add_argument("--full", action="store_true", help="the full run (1,000,000 backlog)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="draw the PNG plots into DIR (needs matplotlib; make bench-full "
+                        "sets it)")  # fmt: skip
     parser.add_argument("--compare", type=Path, metavar="OLD.json",
                         help="print each figure's change against an earlier report")  # fmt: skip
     parser.add_argument("--only", metavar="STAGE[,STAGE]",
                         help=f"run only these stages: {', '.join(STAGES)}")  # fmt: skip
+    parser.add_argument("--e2e-runs", metavar="RUN[,RUN]",
+                        help="of the e2e stage, only these agent runs: "
+                        + ", ".join(r.name for r in e2e_runs(QUICK)))  # fmt: skip
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every count (tests use a small one; figures shrink in "
                         "meaning with it)")  # fmt: skip
@@ -408,16 +625,24 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(STAGES)
     if unknown:
         parser.error(f"unknown stage {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
-    if only & {"paho", "backlog"} and not has_mosquitto():
-        parser.error("the paho and backlog stages need mosquitto (apt-get install mosquitto)")
+    if only & {"paho", "backlog", "e2e"} and not has_mosquitto():
+        parser.error("the paho, backlog and e2e stages need mosquitto (apt-get install mosquitto)")
     old = json.loads(args.compare.read_text()) if args.compare else None
     profile = (FULL if args.full else QUICK).scaled(args.scale)
-    report = run(profile, only, console)
+    e2e_only = set(args.e2e_runs.split(",")) if args.e2e_runs else None
+    if e2e_only and e2e_only - {r.name for r in e2e_runs(QUICK)}:
+        parser.error(f"unknown e2e run in {args.e2e_runs}")
+    report = run(profile, only, console, e2e_only)
     report["scale"] = args.scale
     print_table(report, console)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"written: {args.json}")
+    if args.plots:
+        from bench.plots import draw  # noqa: PLC0415  # matplotlib only when plots are asked for
+
+        for path in draw(report, args.plots):
+            console.print(f"plot: {path}")
     if old is not None:
         print_compare(old, report, console)
     return 0  # a report, not a gate: a shared machine's noise must not fail a build

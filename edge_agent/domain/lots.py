@@ -184,20 +184,22 @@ class BindingState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BindingState:
-        fills = tuple(
-            Fill(
-                f["material"],
-                parse_decimal(f["covers"]),
-                tuple(
-                    LotDraw(lot, material, parse_decimal(q), bool(sub))
-                    for lot, material, q, sub in f["draws"]
+        fills: list[Fill] = []
+        for f in data.get("fills", []):  # a store written before fills were merged: merge now
+            _add_fill(
+                fills,
+                Fill(
+                    f["material"],
+                    parse_decimal(f["covers"]),
+                    tuple(
+                        LotDraw(lot, material, parse_decimal(q), bool(sub))
+                        for lot, material, q, sub in f["draws"]
+                    ),
+                    Fraction(f["factor"]),
                 ),
-                Fraction(f["factor"]),
             )
-            for f in data.get("fills", [])
-        )
         return cls(
-            fills,
+            tuple(fills),
             parse_decimal(data.get("held", "0")),
             MappingProxyType({k: parse_decimal(v) for k, v in data.get("substituted", {}).items()}),
             MappingProxyType(
@@ -273,7 +275,7 @@ def retry_held(
             continue
         draws = _draw(by_id, [lot], min(quantity, lot.quantity), False)
         taken = sum((d.quantity for d in draws), ZERO)
-        fills.append(Fill(lot.material, taken, tuple(draws)))
+        _add_fill(fills, Fill(lot.material, taken, tuple(draws)))
         movements += draws
         if quantity - taken > 0:
             held_lots[lot_id] = quantity - taken
@@ -329,12 +331,12 @@ def _allocate(
     )
     deviation = False
     if primary.single_lot_per_operation and eligible:
-        used = {d.lot for f in fills if f.material == material for d in f.draws}
+        used = {d.lot for f in fills if f.material == material for d in f.draws if d.quantity > 0}
         # once a lot is in use it is the only one; when it is gone a new lot is a second lot
         candidates = [lot for lot in eligible if lot.lot in used][:1] if used else eligible[:1]
         if candidates and candidates[0].quantity >= remaining:
             draws = _draw(lots, candidates[:1], remaining, False)
-            fills.append(Fill(material, remaining, tuple(draws)))
+            _add_fill(fills, Fill(material, remaining, tuple(draws)))
             movements += draws
             remaining = ZERO
         else:
@@ -342,7 +344,7 @@ def _allocate(
     elif eligible:
         take = min(remaining, sum((lot.quantity for lot in eligible), ZERO))
         draws = _draw(lots, eligible, take, False)
-        fills.append(Fill(material, take, tuple(draws)))
+        _add_fill(fills, Fill(material, take, tuple(draws)))
         movements += draws
         remaining -= take
 
@@ -363,7 +365,7 @@ def _allocate(
             if sum((lot.quantity for lot in alt_lots), ZERO) < need:
                 continue
             draws = _draw(lots, alt_lots, need, True)
-            fills.append(Fill(alt.id, remaining, tuple(draws), k))
+            _add_fill(fills, Fill(alt.id, remaining, tuple(draws), k))
             movements += draws
             substituted[alt.id] = covered
             alt_issued[alt.id] = target
@@ -382,6 +384,33 @@ def _allocate(
         alternate_issued=MappingProxyType(alt_issued),
     )
     return Binding(new_state, tuple(lots.values()), tuple(movements), held)
+
+
+def _add_fill(fills: list[Fill], fill: Fill) -> None:
+    """Append ``fill``, merged into the last one when both are of one material and factor.
+
+    Without this the binding grew by one fill per posting, and the order's state (written at
+    every commit) with it: the cost of a count grew with the order's length. Merging is exact:
+    every use of the fills (returns last drawn first, a reversal by posting, ``drawn``, the lots
+    in use, genealogy) reads the draws of one material in order and the sum of ``covers``,
+    which a merge keeps; adjacent draws of one lot become one draw of their sum.
+    """
+    if fills and fills[-1].material == fill.material and fills[-1].factor == fill.factor:
+        last = fills[-1]
+        draws = list(last.draws)
+        for d in fill.draws:
+            prior = draws[-1] if draws else None
+            if prior is not None and (prior.lot, prior.material, prior.substitution) == (
+                d.lot,
+                d.material,
+                d.substitution,
+            ):
+                draws[-1] = replace(prior, quantity=prior.quantity + d.quantity)
+            else:
+                draws.append(d)
+        fills[-1] = Fill(last.material, last.covers + fill.covers, tuple(draws), last.factor)
+    else:
+        fills.append(fill)
 
 
 def _hold_reason(

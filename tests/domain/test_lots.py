@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 from fractions import Fraction
+from unittest.mock import patch
 
 import pytest
 from hypothesis import event, given
@@ -12,8 +13,10 @@ from hypothesis import strategies as st
 
 from edge_agent.domain.lots import (
     BindingState,
+    Fill,
     HoldReason,
     Lot,
+    LotDraw,
     LotStatus,
     bind,
     fefo_order,
@@ -469,3 +472,100 @@ def test_what_is_held_for_one_lot_is_only_ever_drawn_from_that_lot(
     if target is not None and target.is_eligible(NOW) and target.quantity >= for_lot:
         event("lot-bound hold fully bound")
         assert lot_id not in b.state.held_lots
+
+
+def _plain_append(fills: list[Fill], fill: Fill) -> None:
+    fills.append(fill)
+
+
+def _genealogy_of(state: BindingState) -> dict[tuple[str, str, bool], Decimal]:
+    drawn: dict[tuple[str, str, bool], Decimal] = {}
+    for fill in state.fills:
+        for d in fill.draws:
+            key = (d.material, d.lot, d.substitution)
+            drawn[key] = drawn.get(key, D(0)) + d.quantity
+    return {k: v for k, v in drawn.items() if v}
+
+
+def _run_binding_steps(
+    m: MasterData, initial: list[Lot], sequence: list[object]
+) -> list[tuple[object, ...]]:
+    """What each step of ``sequence`` did, as everything a caller can observe."""
+    lots: tuple[Lot, ...] = tuple(initial)
+    state = BindingState()
+    required = D(0)
+    made: list[tuple[tuple[LotDraw, ...], Decimal]] = []
+    seen: list[tuple[object, ...]] = []
+    for step in sequence:
+        try:
+            if step == "retry":
+                b = retry_held(m, lots, state, "P", NOW, ALTS)
+            elif isinstance(step, int):  # reverse an earlier posting by the MES
+                if not made:
+                    continue
+                draws, held = made[step % len(made)]
+                b = reverse_posting(lots, state, draws, held)
+            else:
+                assert isinstance(step, Decimal)
+                q = max(step, -required)
+                b = bind(m, lots, state, "P", q, NOW, ALTS)
+                required += q
+                if q > 0:
+                    made.append((b.draws, b.held.quantity if b.held else D(0)))
+        except ConsumptionError as exc:
+            seen.append(("refused", str(exc)))
+            continue
+        lots, state = b.lots, b.state
+        seen.append(
+            (
+                tuple(sorted((x.lot, x.quantity) for x in lots)),
+                b.draws,
+                b.held,
+                b.held_cancelled,
+                state.drawn,
+                state.held,
+                dict(state.substituted),
+                dict(state.alternate_issued),
+                dict(state.held_lots),
+                _genealogy_of(state),  # what each lot gave, net (single-lot mode acts on it)
+            )
+        )
+    return seen
+
+
+@given(
+    st.lists(lot_strategy, max_size=6, unique_by=lambda x: x.lot),
+    st.lists(
+        st.one_of(
+            st.decimals(min_value=D("-3"), max_value=D("3"), places=3),
+            st.just("retry"),
+            st.integers(0, 20),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    st.booleans(),
+)
+def test_merged_fills_behave_exactly_as_one_fill_per_posting(
+    initial: list[Lot], sequence: list[object], single_lot: bool
+) -> None:
+    """The binding merges a posting's fill into the last one (its state stays small however
+    long the order runs); every step must do exactly what it did with one fill per posting."""
+    m = md(single_lot_per_operation=single_lot)
+    # a primary that runs out early, and alternates to substitute it: every kind of fill
+    initial = [*initial, lot("P-short", "1.5", staged_days=-20), lot("ALT-KG-x", "50", "ALT-KG")]
+    merged = _run_binding_steps(m, initial, sequence)
+    with patch("edge_agent.domain.lots._add_fill", _plain_append):
+        plain = _run_binding_steps(m, initial, sequence)
+    assert merged == plain
+
+
+def test_a_long_order_keeps_its_binding_small() -> None:
+    m = md()
+    lots: tuple[Lot, ...] = (lot("L1", "1000"), lot("L2", "1000"))
+    state = BindingState()
+    for _ in range(1500):  # crosses from L1 into L2
+        b = bind(m, lots, state, "P", D("1"), NOW, ALTS)
+        lots, state = b.lots, b.state
+    assert len(state.fills) == 1
+    assert [(d.lot, d.quantity) for d in state.fills[0].draws] == [("L1", D(1000)), ("L2", D(500))]

@@ -2,10 +2,10 @@
 
 Every event from every source enters one queue; one task applies them to the in-memory state
 (the pure rules in ``edge_agent.domain`` decide everything) and collects what they produce:
-state changes and messages. A batch of events (as many as are waiting, up to ``MAX_BATCH``) is
-committed in **one** SQLite transaction with the messages it produced (the transactional outbox,
-group commit), and only then is anything written back to the PLC: the operation-complete
-acknowledge means "committed", never "about to be".
+state changes and messages. A batch of events (as many as are waiting, up to ``MAX_BATCH`` events
+or ``MAX_BATCH_MESSAGES`` messages) is committed in **one** SQLite transaction with the messages
+it produced (the transactional outbox, group commit), and only then is anything written back to
+the PLC: the operation-complete acknowledge means "committed", never "about to be".
 
 What makes a lost or doubled posting impossible here:
 
@@ -162,6 +162,9 @@ from edge_agent.store import Store, UnitOfWork
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 500
+#: a batch also ends once its events have produced this many messages: memory and the
+#: transaction stay bounded whatever the BOM's size (500 counts × 100 lines was 50,000 messages)
+MAX_BATCH_MESSAGES = 2_000
 #: a store that cannot commit is retried after retry_interval, doubling up to this
 MAX_STORE_RETRY_S = 15.0
 COUNTERS = ("good", "scrap", "flow")
@@ -457,6 +460,8 @@ class PlcWrite:
 class Outgoing:
     message: AnyMessage
     topic: str
+    #: the wire form, when it was already encoded (a posting's journal copy): encoded once
+    payload: bytes | None = None
 
 
 @dataclass
@@ -612,7 +617,8 @@ class Engine:
         self._journal.clear()
         self._recent.clear()
         for out in self._outgoing:
-            uow.enqueue(out.message.message_id, out.topic, encode(out.message), created)
+            payload = out.payload if out.payload is not None else encode(out.message)
+            uow.enqueue(out.message.message_id, out.topic, payload, created)
             self.stats.messages[kind_of(out.message).value] += 1
         n = len(self._outgoing)
         self._outgoing.clear()
@@ -700,20 +706,32 @@ class Engine:
                     return
                 await self._perform(store, writer, writes, on_commit)
                 continue
-            batch = [first]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            # as many events as are waiting, up to MAX_BATCH events or MAX_BATCH_MESSAGES
+            # messages, each applied as it is taken (a reversal finds a posting made earlier
+            # in the same batch)
             events: list[SignalEvent | SourceStatus | CommandEvent] = []
+            writes = []
+            acks: list[Callable[[], None]] = []
             stopping = False
-            for item in batch:
+            item = first
+            while True:
                 if item is None:
                     stopping = True
-                    continue
-                event = item
-                if isinstance(event, CommandEvent) and event.kind == "reversal":
-                    event = await self.prepared(store, event)
-                events.append(event)
-            writes, acks = self._apply_batch(events)
+                else:
+                    event = item
+                    if isinstance(event, CommandEvent) and event.kind == "reversal":
+                        event = await self.prepared(store, event)
+                    events.append(event)
+                    more_writes, more_acks = self._apply_batch((event,))
+                    writes += more_writes
+                    acks += more_acks
+                if (
+                    self._queue.empty()
+                    or len(events) >= MAX_BATCH
+                    or self.pending_messages >= MAX_BATCH_MESSAGES
+                ):
+                    break
+                item = self._queue.get_nowait()
             self.stats.batches += 1
             done = await self._commit_or_hold(store, on_commit, events, (writes, acks))
             if done is None:
@@ -2723,6 +2741,7 @@ class Engine:
         topic = f"{self.config.topic_base}/out/{kind_of(message)}"
         if self._produced is not None:
             self._produced.append(message.message_id)
+        payload: bytes | None = None
         if isinstance(message, MaterialConsumed):
             payload = encode(message)
             self._journal.append(
@@ -2731,12 +2750,13 @@ class Engine:
             self._recent[message.message_id] = payload
         if not self.clock_state.trusted and isinstance(message, POSTINGS):
             offset = self.clock_state.mes_offset_s or Decimal(0)
+            wire = payload if payload is not None else encode(message)
             self.clock_state.held.append(
-                {"topic": topic, "payload": encode(message).decode(), "offset_s": str(offset)}
+                {"topic": topic, "payload": wire.decode(), "offset_s": str(offset)}
             )
             self._dirty.add("clock")
             return
-        self._outgoing.append(Outgoing(message, topic))
+        self._outgoing.append(Outgoing(message, topic, payload))
 
     def _exception(
         self,

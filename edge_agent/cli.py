@@ -38,7 +38,7 @@ from edge_agent.logs import configure_logging
 from edge_agent.reports import print_table
 from edge_agent.schemas import write_schemas
 from edge_agent.shiftdemo import run_shift_demo
-from edge_agent.status import show_status
+from edge_agent.status import show_status, verify_audit
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("config", type=Path, metavar="CONFIG.toml")
 
+    audit = sub.add_parser(
+        "audit",
+        help="check the store's hash-chained audit log",
+        description=(
+            "verify: recompute the hash chain of the store's audit log (every message the agent "
+            "queued and every command it applied), check that it ends where the last commit "
+            "recorded, and that every message still waiting is what its entry recorded. Names "
+            "the first entry that does not fit; exit 0 intact, 1 broken."
+        ),
+    )
+    audit.add_argument("action", choices=["verify"])
+    audit.add_argument("config", type=Path, metavar="CONFIG.toml")
+
     schemas = sub.add_parser(
         "schemas",
         help="write the JSON Schema of every message kind the agent publishes",
@@ -178,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "run": _run,
         "status": _status,
+        "audit": _audit,
         "schemas": _schemas,
     }
     try:
@@ -233,6 +247,10 @@ def _schemas(args: argparse.Namespace, out: Console) -> int:
 
 def _status(args: argparse.Namespace, out: Console) -> int:
     return show_status(load_config(args.config), out)
+
+
+def _audit(args: argparse.Namespace, out: Console) -> int:
+    return verify_audit(load_config(args.config), out)
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:

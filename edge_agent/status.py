@@ -1,8 +1,9 @@
 """``edge-agent status``: what the agent's store holds, for the person on the line.
 
-Read-only: the outbox (depth, oldest waiting message), the engine sequence, each work centre's
-order, handshake phase and last counter values, each order's confirmed quantities, and whether
-the audit chain is intact.
+Read-only (except that opening a store whose audit chain was cut short records that it was
+found, see ``Store``): the outbox (depth, oldest waiting message), the engine sequence, each work
+centre's order, handshake phase and last counter values, each order's confirmed quantities, and
+whether the audit chain is intact.
 """
 
 from __future__ import annotations
@@ -100,3 +101,28 @@ def _exceptions(state: dict[str, dict[str, Any]], out: Console) -> None:
                 e["since"], e["code"], e["order"] or "—", e["material"] or "—", e["message_id"]
             )
         out.print(exc)
+
+
+def verify_audit(config: Config, out: Console) -> int:
+    """``edge-agent audit verify``: 0 when the chain is intact, 1 when broken (named)."""
+    path = Path(config.store.path)
+    if not path.exists():
+        out.print(f"store {path} does not exist yet: the agent has not run", markup=False)
+        return 0
+    return asyncio.run(_verify(path, out))
+
+
+async def _verify(path: Path, out: Console) -> int:
+    async with Store.open(path) as store:
+        report = await store.verify_audit(outbox=True)
+        depth = await store.outbox_depth()
+    if report.ok:
+        out.print(
+            f"audit chain of {path}: intact, {report.entries} entries, ending where the last "
+            f"commit recorded; the {depth} message(s) waiting match their entries",
+            markup=False,
+        )
+        return 0
+    where = f"entry {report.first_broken_seq}" if report.first_broken_seq else "the outbox"
+    out.print(f"audit chain of {path}: BROKEN at {where}: {report.reason}", markup=False)
+    return 1

@@ -96,6 +96,10 @@ class AuditReport:
     reason: str | None = None
 
 
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -161,6 +165,13 @@ _INSERT_OUTBOX = (
 _NEWEST_OUTBOX_IDS = "SELECT message_id FROM outbox ORDER BY seq DESC LIMIT ?"
 _INSERT_JOURNAL = "INSERT OR IGNORE INTO journal VALUES (?, ?, ?, ?)"
 _INSERT_AUDIT = "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)"
+_PUT_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+#: the chain's last entry ("seq:hash"), its recorded end and a recorded break, in one statement
+_AUDIT_ENDS = (
+    "SELECT (SELECT seq || ':' || hash FROM audit ORDER BY seq DESC LIMIT 1), "
+    "(SELECT value FROM meta WHERE key = 'audit_head'), "
+    "(SELECT value FROM meta WHERE key = 'audit_break')"
+)
 
 
 #: keys one DELETE names: a power of two under SQLite's smallest default variable limit (999)
@@ -327,6 +338,7 @@ class Store:
             )
             for seq, digest in last:
                 self._audit_seq, self._audit_hash = int(seq), str(digest)
+            await self._check_audit_head()
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
                 raise _translate(exc, self.path) from exc  # not damage: retry when there is space
@@ -379,6 +391,8 @@ class Store:
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
                     seq, digest = await self._write(batch, seq, digest)
+                    if seq != self._audit_seq:  # the head moved: record it with the entries
+                        await self._db.execute(_PUT_META, ("audit_head", f"{seq}:{digest}"))
                     crash_point("store.before_commit")
                     await self._db.execute("COMMIT")
                 except BaseException:
@@ -548,22 +562,137 @@ class Store:
         batch = await self.outbox_batch(1)
         return batch[0] if batch else None
 
-    async def verify_audit(self) -> AuditReport:
-        """Recompute the hash chain and name the first entry that does not fit."""
-        prev, expected_seq, count = GENESIS, 1, 0
-        rows = await self._fetch(
-            "SELECT seq, at, kind, ref, payload_sha256, prev_hash, hash FROM audit ORDER BY seq"
+    async def _check_audit_head(self) -> None:
+        """At open: the chain must end where the last commit recorded it ended (meta
+        ``audit_head``). If not, entries were removed or changed while the agent was not
+        running: that is recorded for good (meta ``audit_break``, which every verification
+        reports) before the agent goes on and the head moves past the evidence.
+
+        Read and recorded in one write transaction: a running agent committing meanwhile (this
+        may be ``status`` beside it) cannot make the two reads disagree."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = list(await self._db.execute_fetchall(_AUDIT_ENDS))
+            last, head, broken = rows[0]
+            if head is not None and broken is None and head != (last or f"0:{GENESIS}"):
+                found = json.dumps(
+                    {"recorded_head": head, "chain_ended_at": last or "0", "found_at": _now_iso()},
+                    separators=(",", ":"),
+                )
+                await self._db.execute(_PUT_META, ("audit_break", found))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def verify_audit(self, outbox: bool = False) -> AuditReport:
+        """Recompute the hash chain and name the first entry that does not fit; the chain must
+        also end where the last commit recorded (no entry removed from its end). With
+        ``outbox``, every message still waiting must match the digest its entry recorded.
+        Everything is read in one read transaction: a consistent snapshot, whatever an agent
+        running beside commits meanwhile."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN")
+                try:
+                    waiting = {
+                        str(m): bytes(p)
+                        for m, p in (
+                            await self._db.execute_fetchall(
+                                "SELECT message_id, payload FROM outbox"
+                            )
+                            if outbox
+                            else []
+                        )
+                    }
+                    entries = list(
+                        await self._db.execute_fetchall(
+                            "SELECT seq, at, kind, ref, payload_sha256, prev_hash, hash "
+                            "FROM audit ORDER BY seq"
+                        )
+                    )
+                    ends = list(await self._db.execute_fetchall(_AUDIT_ENDS))
+                    _last, head, broken = ends[0]
+                finally:
+                    await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
+        recorded: dict[str, tuple[int, str]] = {}
+        report, (count, last_seq, last_hash) = _verify_chain(entries, waiting, recorded)
+        if report is None:
+            report = _verify_end(count, last_seq, last_hash, head, broken)
+        if report is None:
+            report = _verify_waiting(waiting, recorded, count)
+        return report or AuditReport(True, count)
+
+
+def _verify_chain(
+    rows: Sequence[Any], waiting: Mapping[str, bytes], recorded: dict[str, tuple[int, str]]
+) -> tuple[AuditReport | None, tuple[int, int, str]]:
+    """The chain itself: (a broken entry's report or None, (entries, last seq, last hash))."""
+    prev, expected_seq, count = GENESIS, 1, 0
+    for seq, at, kind, ref, psha, prev_hash, digest in rows:
+        count += 1
+        reason = None
+        if seq != expected_seq:
+            missing = AuditReport(False, count, expected_seq, f"entry {expected_seq} is missing")
+            return missing, (count, seq, digest)
+        if prev_hash != prev:
+            reason = "does not link to the entry before it"
+        elif chain_hash(prev, seq, at, kind, ref, psha) != digest:
+            reason = "its content does not match its hash"
+        if reason is not None:
+            return AuditReport(False, count, seq, reason), (count, seq, digest)
+        if kind == "outbox" and ref in waiting:
+            recorded[ref] = (seq, psha)
+        prev, expected_seq = digest, seq + 1
+    return None, (count, expected_seq - 1, prev)
+
+
+def _verify_end(
+    count: int, last_seq: int, last_hash: str, head: str | None, broken: str | None
+) -> AuditReport | None:
+    """The chain ends where the last commit recorded, and was never found cut short."""
+    if broken is not None:
+        found = json.loads(broken)
+        head_seq = found["recorded_head"].split(":", 1)[0]
+        return AuditReport(
+            False,
+            count,
+            int(head_seq) if head_seq.isdigit() else None,
+            f"on {found['found_at']} the chain ended at entry "
+            f"{found['chain_ended_at'].split(':', 1)[0]}, not at entry {head_seq} as the last "
+            "commit recorded: entries were removed or changed while the agent was stopped",
         )
-        for seq, at, kind, ref, psha, prev_hash, digest in rows:
-            count += 1
-            if seq != expected_seq:
-                return AuditReport(False, count, expected_seq, f"entry {expected_seq} is missing")
-            if prev_hash != prev:
-                return AuditReport(False, count, seq, "does not link to the entry before it")
-            if chain_hash(prev, seq, at, kind, ref, psha) != digest:
-                return AuditReport(False, count, seq, "its content does not match its hash")
-            prev, expected_seq = digest, seq + 1
-        return AuditReport(True, count)
+    if head is not None and head != f"{last_seq}:{last_hash}":
+        head_seq = head.split(":", 1)[0]
+        return AuditReport(
+            False,
+            count,
+            last_seq + 1 if head_seq.isdigit() and int(head_seq) > last_seq else last_seq,
+            f"the chain ends at entry {last_seq}, but the last commit recorded entry "
+            f"{head_seq} as its end: entries were removed from the end, or changed",
+        )
+    return None
+
+
+def _verify_waiting(
+    waiting: Mapping[str, bytes], recorded: Mapping[str, tuple[int, str]], count: int
+) -> AuditReport | None:
+    """Every message still waiting is what its audit entry recorded when it was committed."""
+    for message_id, payload in waiting.items():
+        entry = recorded.get(message_id)
+        if entry is None:
+            return AuditReport(False, count, None, f"outbox message {message_id} has no entry")
+        if hashlib.sha256(payload).hexdigest() != entry[1]:
+            return AuditReport(
+                False,
+                count,
+                entry[0],
+                f"outbox message {message_id} is not what this entry recorded: it was changed "
+                "after it was committed",
+            )
+    return None
 
 
 def _check_file(path: Path) -> None:

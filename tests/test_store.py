@@ -1101,8 +1101,8 @@ async def test_a_commit_makes_as_many_round_trips_for_500_units_as_for_one(
     one = list(calls)
     calls.clear()
     await store.commit_units(units(500, 1))
-    # BEGIN, state, masterdata, outbox, journal, audit, COMMIT
-    assert calls == one == ["execute"] + ["executemany"] * 5 + ["execute"]
+    # BEGIN, state, masterdata, outbox, journal, audit, the chain's head (meta), COMMIT
+    assert calls == one == ["execute"] + ["executemany"] * 5 + ["execute", "execute"]
     calls.clear()
     await store.commit_units([*units(250, 501), *units(250, 1)])  # half of them repeats
     # and the ids SQLite inserted read back, once
@@ -1111,6 +1111,7 @@ async def test_a_commit_makes_as_many_round_trips_for_500_units_as_for_one(
         *["executemany"] * 3,
         "execute_fetchall",
         *["executemany"] * 2,
+        "execute",
         "execute",
     ]
     # new units: an outbox and a command entry; repeats: the command entry only

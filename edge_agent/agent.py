@@ -193,9 +193,11 @@ class Agent:
                     if oldest is not None
                     else None
                 )
+                head = store.audit_head
                 return {
                     "outbox_depth": await store.outbox_depth(),
                     "oldest_unacknowledged_s": age,
+                    "audit_head": {"seq": head[0], "hash": head[1]} if head else None,
                     **engine.status_figures(),
                 }
 

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("action", choices=["verify"])
     audit.add_argument("config", type=Path, metavar="CONFIG.toml")
+    audit.add_argument(
+        "--head",
+        metavar="SEQ:HASH",
+        help="a chain end kept outside the store (the audit_head of a status the MES kept): "
+        "the chain must still hold that entry, which shows a chain rewritten whole",
+    )
 
     schemas = sub.add_parser(
         "schemas",
@@ -250,7 +256,16 @@ def _status(args: argparse.Namespace, out: Console) -> int:
 
 
 def _audit(args: argparse.Namespace, out: Console) -> int:
-    return verify_audit(load_config(args.config), out)
+    head = None
+    if args.head is not None:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or int(seq) < 1 or len(digest) != 64:
+            raise InputError(
+                f"--head: expected SEQ:HASH (an entry number and its 64-hex-digit hash), "
+                f"got {args.head!r}"
+            )
+        head = (int(seq), digest.lower())
+    return verify_audit(load_config(args.config), out, head)
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:

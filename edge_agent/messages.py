@@ -409,6 +409,15 @@ class StoreFault(_Wire):
     text: str
 
 
+class AuditHead(_Wire):
+    """The end of the store's audit chain when the status was made: an MES that keeps the
+    latest one holds a copy of the chain's end outside the line PC, which shows a rewritten
+    chain (``edge-agent audit verify --head SEQ:HASH``)."""
+
+    seq: int
+    hash: str
+
+
 class StatusMessage(_Wire):
     """The retained ``{topic_base}/status``: the birth (online), updated every
     ``status_interval_s``, and the last will (offline, with no figures: the broker publishes it
@@ -433,6 +442,8 @@ class StatusMessage(_Wire):
     open_exceptions: tuple[OpenException, ...] = ()
     #: set while the store cannot commit (no new work is taken meanwhile)
     store_fault: StoreFault | None = None
+    #: the audit chain's last committed entry (None: the last will, or no entry yet)
+    audit_head: AuditHead | None = None
 
 
 AnyMessage = (

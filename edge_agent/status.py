@@ -103,23 +103,29 @@ def _exceptions(state: dict[str, dict[str, Any]], out: Console) -> None:
         out.print(exc)
 
 
-def verify_audit(config: Config, out: Console) -> int:
+def verify_audit(config: Config, out: Console, head: tuple[int, str] | None = None) -> int:
     """``edge-agent audit verify``: 0 when the chain is intact, 1 when broken (named)."""
     path = Path(config.store.path)
     if not path.exists():
+        if head is not None:
+            out.print(f"audit chain of {path}: BROKEN: the store is gone, its end was kept")
+            return 1
         out.print(f"store {path} does not exist yet: the agent has not run", markup=False)
         return 0
-    return asyncio.run(_verify(path, out))
+    return asyncio.run(_verify(path, out, head))
 
 
-async def _verify(path: Path, out: Console) -> int:
+async def _verify(path: Path, out: Console, head: tuple[int, str] | None) -> int:
     async with Store.open(path) as store:
         report = await store.verify_audit(outbox=True)
+        if report.ok and head is not None:
+            report = await store.verify_head(*head) or report
         depth = await store.outbox_depth()
     if report.ok:
         out.print(
             f"audit chain of {path}: intact, {report.entries} entries, ending where the last "
-            f"commit recorded; the {depth} message(s) waiting match their entries",
+            f"commit recorded; the {depth} message(s) waiting match their entries"
+            + (f"; entry {head[0]} is the one kept outside the store" if head else ""),
             markup=False,
         )
         return 0

@@ -562,6 +562,29 @@ class Store:
         batch = await self.outbox_batch(1)
         return batch[0] if batch else None
 
+    @property
+    def audit_head(self) -> tuple[int, str] | None:
+        """The audit chain's last committed entry (seq, hash); None while it has none."""
+        return (self._audit_seq, self._audit_hash) if self._audit_seq else None
+
+    async def verify_head(self, seq: int, digest: str) -> AuditReport | None:
+        """The chain still holds entry ``seq`` with hash ``digest`` (a copy of an earlier end,
+        kept outside this file: the MES's last status); None when it does."""
+        rows = await self._fetch("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        count = self._audit_seq
+        if not rows:
+            return AuditReport(
+                False, count, seq, f"the chain has no entry {seq}, the end kept outside it"
+            )
+        if str(rows[0][0]) != digest:
+            return AuditReport(
+                False,
+                count,
+                seq,
+                "is not the entry whose hash was kept outside the store: the chain was rewritten",
+            )
+        return None
+
     async def _check_audit_head(self) -> None:
         """At open: the chain must end where the last commit recorded it ended (meta
         ``audit_head``). If not, entries were removed or changed while the agent was not

@@ -177,3 +177,46 @@ async def test_status_beside_a_running_agent_never_finds_a_false_break(tmp_path:
         assert (await store.verify_audit()).ok
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'audit_break'").fetchone() is None
+
+
+def _head(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return str(conn.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()[0])
+
+
+def test_a_chain_rewritten_whole_is_caught_only_by_an_end_kept_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, db = _store(tmp_path)
+    kept = _head(db)  # what the MES kept from the agent's last status
+    assert main(["audit", "verify", config, "--head", kept]) == 0
+    assert "entry 10 is the one kept outside the store" in capsys.readouterr().out
+    with sqlite3.connect(db) as conn:  # a forger edits entry 4 and recomputes everything after
+        rows = conn.execute(
+            "SELECT seq, at, kind, ref, payload_sha256 FROM audit ORDER BY seq"
+        ).fetchall()
+        prev = "0" * 64
+        for seq, at, kind, ref, sha in rows:
+            forged = "cmd-999" if seq == 4 else ref
+            digest = chain_hash(prev, seq, at, kind, forged, sha)
+            conn.execute(
+                "UPDATE audit SET ref = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (forged, prev, digest, seq),
+            )
+            prev = digest
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (f"10:{prev}",))
+    code, _out = _verify(config, capsys)
+    assert code == 0  # consistent in itself: the limit of a chain kept in one file
+    assert main(["audit", "verify", config, "--head", kept]) == 1
+    assert "BROKEN at entry 10: is not the entry whose hash was kept outside the store" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("head", ["10", "x:abc", "0:" + "a" * 64, "3:" + "a" * 63])
+def test_a_malformed_head_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], head: str
+) -> None:
+    config, _db = _store(tmp_path, commits=1)
+    assert main(["audit", "verify", config, "--head", head]) == 2
+    assert "--head: expected SEQ:HASH" in capsys.readouterr().err

@@ -206,6 +206,14 @@ async def test_the_mes_contract_both_ways(broker: Broker, tmp_path: Path) -> Non
             assert status["held_for_clock"] == 0
             assert status["outbox_depth"] >= 0
             assert set(status["sources"]) == {"mix-plc", "fill-plc"}
+            # the chain's end, for the MES to keep: an entry the store really holds
+            head = status["audit_head"]
+            with sqlite3.connect(config.store.path) as db:
+                (digest,) = db.execute(
+                    "SELECT hash FROM audit WHERE seq = ?", (head["seq"],)
+                ).fetchone()
+            assert head["seq"] > 0
+            assert digest == head["hash"]
             staged = mes.stage_lot("PERF-9001", "RM-PERFUME", "1.000")
             assert (await reply(mes, staged)).result == "accepted"
             await wait(mes, lambda m: len(consumed(m, "RM-PERFUME")) == 2)

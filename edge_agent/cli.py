@@ -34,6 +34,7 @@ from edge_agent.errors import (
     StoreError,
     StoreFullError,
 )
+from edge_agent.genealogy import show_genealogy
 from edge_agent.logs import configure_logging
 from edge_agent.reports import print_table
 from edge_agent.schemas import write_schemas
@@ -144,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the chain must still hold that entry, which shows a chain rewritten whole",
     )
 
+    genealogy = sub.add_parser(
+        "genealogy",
+        help="the component lots that went into an order or a finished lot, from the store",
+    )
+    genealogy.add_argument("config", type=Path, metavar="CONFIG.toml")
+    which = genealogy.add_mutually_exclusive_group(required=True)
+    which.add_argument("--order", metavar="ID", help="the work order")
+    which.add_argument("--finished-lot", metavar="LOT", help="the lot the order makes")
+
     schemas = sub.add_parser(
         "schemas",
         help="write the JSON Schema of every message kind the agent publishes",
@@ -198,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "status": _status,
         "audit": _audit,
+        "genealogy": _genealogy,
         "schemas": _schemas,
     }
     try:
@@ -266,6 +277,10 @@ def _audit(args: argparse.Namespace, out: Console) -> int:
             )
         head = (int(seq), digest.lower())
     return verify_audit(load_config(args.config), out, head)
+
+
+def _genealogy(args: argparse.Namespace, out: Console) -> int:
+    return show_genealogy(load_config(args.config), out, args.order, args.finished_lot)
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:

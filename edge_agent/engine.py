@@ -2874,10 +2874,8 @@ def _genealogy(
     """Every component lot the order drew from, net of returns and reversals."""
     drawn: dict[tuple[str, str, bool], Decimal] = {}
     for binding in bindings.values():
-        for fill in binding.fills:
-            for d in fill.draws:
-                key = (d.material, d.lot, d.substitution)
-                drawn[key] = drawn.get(key, Decimal(0)) + d.quantity
+        for key, given in binding.given_by_lot().items():
+            drawn[key] = drawn.get(key, Decimal(0)) + given
     return tuple(
         GenealogyLink(
             material=material,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
@@ -101,19 +100,14 @@ def _tree(state: OrderState, master: MasterData | None, finished_lot: str | None
         f"{state.status}"
     )
     for (operation, material, method), binding in sorted(state.bindings.items()):
-        drawn: dict[tuple[str, str, bool], Decimal] = {}
-        for fill in binding.fills:
-            for d in fill.draws:
-                key = (d.material, d.lot, d.substitution)
-                drawn[key] = drawn.get(key, Decimal(0)) + d.quantity
+        given = binding.given_by_lot()
         branch = tree.add(f"operation {operation}: {material} ({method.value})")
-        for (lot_material, lot, substitution), quantity in sorted(drawn.items()):
-            if quantity > 0:
-                alt = f" (substitutes {material})" if substitution else ""
-                branch.add(f"lot {lot}: {fmt(quantity)}{uom(lot_material)} of {lot_material}{alt}")
+        for (lot_material, lot, substitution), quantity in sorted(given.items()):
+            alt = f" (substitutes {material})" if substitution else ""
+            branch.add(f"lot {lot}: {fmt(quantity)}{uom(lot_material)} of {lot_material}{alt}")
         if binding.held > 0:
             branch.add(f"held, no lot yet: {fmt(binding.held)}{uom(material)}")
-        if not any(q > 0 for q in drawn.values()) and binding.held <= 0:
+        if not given and binding.held <= 0:
             branch.add("nothing drawn (returned or reversed)")
     if not state.bindings:
         tree.add("no component posted yet")

@@ -162,6 +162,16 @@ class BindingState:
         """Primary-unit quantity currently bound to lots (primary and substitutes)."""
         return sum((f.covers for f in self.fills), ZERO)
 
+    def given_by_lot(self) -> dict[tuple[str, str, bool], Decimal]:
+        """What each lot gave, net of returns and reversals, by (material, lot, substitution);
+        only lots that still give something (the order's genealogy)."""
+        given: dict[tuple[str, str, bool], Decimal] = {}
+        for fill in self.fills:
+            for d in fill.draws:
+                key = (d.material, d.lot, d.substitution)
+                given[key] = given.get(key, ZERO) + d.quantity
+        return {key: quantity for key, quantity in given.items() if quantity > 0}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (decimal strings, exact fractions as "p/q") to persist."""
         return {

@@ -591,13 +591,16 @@ class Store:
         running: that is recorded for good (meta ``audit_break``, which every verification
         reports) before the agent goes on and the head moves past the evidence.
 
-        Read and recorded in one write transaction: a running agent committing meanwhile (this
-        may be ``status`` beside it) cannot make the two reads disagree."""
+        The ends are read in one statement (one snapshot: a running agent committing meanwhile,
+        with this ``status`` beside it, cannot make them disagree); only when they disagree is
+        the write lock taken, and they are read again under it before the finding is written.
+        An intact store is opened without a write."""
+        if not _audit_cut(*next(iter(await self._db.execute_fetchall(_AUDIT_ENDS)))):
+            return
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            rows = list(await self._db.execute_fetchall(_AUDIT_ENDS))
-            last, head, broken = rows[0]
-            if head is not None and broken is None and head != (last or f"0:{GENESIS}"):
+            last, head, broken = next(iter(await self._db.execute_fetchall(_AUDIT_ENDS)))
+            if _audit_cut(last, head, broken):
                 found = json.dumps(
                     {"recorded_head": head, "chain_ended_at": last or "0", "found_at": _now_iso()},
                     separators=(",", ":"),
@@ -647,6 +650,11 @@ class Store:
         if report is None:
             report = _verify_waiting(waiting, recorded, count)
         return report or AuditReport(True, count)
+
+
+def _audit_cut(last: str | None, head: str | None, broken: str | None) -> bool:
+    """The chain ends short of its recorded end, and that is not on record yet."""
+    return head is not None and broken is None and head != (last or f"0:{GENESIS}")
 
 
 def _verify_chain(

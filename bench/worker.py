@@ -28,6 +28,7 @@ import psutil
 import structlog
 
 from bench.payload import CONFIG_DIR, Template
+from edge_agent.store import UnitOfWork  # bench.payload imports the store anyway
 
 GROUP = 500  # rows per commit when grouped: the engine's batch limit (docs/runtime.md)
 MB = 1024 * 1024
@@ -119,9 +120,20 @@ def max_rss_bytes() -> int:
 # ---------------------------------------------------------------------------- SQLite
 
 
+def enqueued(template: Template, first: int, stop: int, created: str) -> list[UnitOfWork]:
+    """Units of work queueing benchmark messages ``first`` … ``stop - 1``, one each."""
+    units = []
+    for i in range(first, stop):
+        uow = UnitOfWork()
+        message_id, payload = template.message(i)
+        uow.enqueue(message_id, template.topic, payload, created)
+        units.append(uow)
+    return units
+
+
 async def stage_sqlite(p: dict[str, Any]) -> dict[str, Any]:
     """Commits/s at the agent's synchronous setting (FULL): raw sqlite3 and the Store."""
-    from edge_agent.store import Store, UnitOfWork
+    from edge_agent.store import Store
 
     work, template = Path(p["workdir"]), Template.from_json(p["template"])
     singles, grouped = int(p["single_commits"]), int(p["grouped_rows"])
@@ -160,14 +172,9 @@ async def stage_sqlite(p: dict[str, Any]) -> dict[str, Any]:
         async with Store.open(path, "FULL") as s:
             start = time.perf_counter()
             for first in range(0, n, group):
-                units = []
-                for i in range(first, min(n, first + group)):
-                    uow = UnitOfWork()
-                    message_id, payload = template.message(i)
-                    uow.enqueue(message_id, template.topic, payload, created)
-                    if group == 1:
-                        uow.put_state("engine", {"sequence": i})
-                    units.append(uow)
+                units = enqueued(template, first, min(n, first + group), created)
+                if group == 1:  # as the engine's single commit: its state row too
+                    units[0].put_state("engine", {"sequence": first})
                 await s.commit_units(units)
                 done += len(units)
                 progress(done)
@@ -349,7 +356,7 @@ def _uplink_config(port: int, store: Path, window: int) -> Any:
 async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
     """The broker is down while N messages fill the real store's outbox (grouped commits, as the
     engine does under load); then the broker comes up and the real MqttUplink drains it."""
-    from edge_agent.store import Store, UnitOfWork
+    from edge_agent.store import Store
     from edge_agent.uplink.mqtt import MqttUplink
 
     template = Template.from_json(p["template"])
@@ -367,12 +374,7 @@ async def stage_backlog(p: dict[str, Any]) -> dict[str, Any]:
         fill_progress = Progress(n, "fill")
         cpu0, start = cpu_seconds(), time.perf_counter()
         for first in range(0, n, GROUP):
-            units = []
-            for i in range(first, min(n, first + GROUP)):
-                uow = UnitOfWork()
-                message_id, payload = template.message(i)
-                uow.enqueue(message_id, template.topic, payload, created)
-                units.append(uow)
+            units = enqueued(template, first, min(n, first + GROUP), created)
             await store.commit_units(units)
             committed += len(units)
             uplink.notify()

@@ -52,13 +52,43 @@ def test_an_untouched_store_verifies(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "the 5 message(s) waiting match their entries" in out
 
 
-def test_an_edited_entry_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("edit", "reported"),
+    [
+        pytest.param(
+            ("UPDATE audit SET ref = 'cmd-999' WHERE seq = 4", ()),
+            "BROKEN at entry 4: its content does not match its hash",
+            id="an-edited-entry",
+        ),
+        pytest.param(
+            ("DELETE FROM audit WHERE seq = 6", ()),
+            "BROKEN at entry 6: entry 6 is missing",
+            id="a-removed-entry",
+        ),
+        pytest.param(
+            ("DELETE FROM audit WHERE seq > 7", ()),
+            "the chain ended at entry 7, not at entry 10 as the last commit recorded",
+            id="entries-cut-off-the-end-found-at-the-next-open",
+        ),
+        pytest.param(
+            ("UPDATE outbox SET payload = ? WHERE message_id = 'msg-002'", (b'{"n":9}',)),
+            "BROKEN at entry 5: outbox message msg-002 is not what this entry recorded",
+            id="a-waiting-message-edited",
+        ),
+    ],
+)
+def test_an_edit_to_the_file_is_named(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    edit: tuple[str, tuple[object, ...]],
+    reported: str,
+) -> None:
     config, db = _store(tmp_path)
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE audit SET ref = 'cmd-999' WHERE seq = 4")
+        conn.execute(*edit)
     code, out = _verify(config, capsys)
     assert code == 1
-    assert "BROKEN at entry 4: its content does not match its hash" in out
+    assert reported in out
 
 
 def test_an_entry_recomputed_to_hide_an_edit_breaks_the_link_after_it(
@@ -74,15 +104,6 @@ def test_an_entry_recomputed_to_hide_an_edit_breaks_the_link_after_it(
     code, out = _verify(config, capsys)
     assert code == 1
     assert "BROKEN at entry 5: does not link to the entry before it" in out
-
-
-def test_a_removed_entry_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config, db = _store(tmp_path)
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM audit WHERE seq = 6")
-    code, out = _verify(config, capsys)
-    assert code == 1
-    assert "BROKEN at entry 6: entry 6 is missing" in out
 
 
 @pytest.mark.asyncio
@@ -112,28 +133,6 @@ def test_a_cut_found_at_a_restart_stays_on_record_after_the_agent_ran_on(
     assert code == 1
     assert "BROKEN at entry 10: on 20" in out
     assert "the chain ended at entry 7, not at entry 10 as the last commit recorded" in out
-
-
-def test_entries_cut_off_the_end_are_caught_at_the_next_open(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config, db = _store(tmp_path)
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM audit WHERE seq > 7")
-    code, out = _verify(config, capsys)
-    assert code == 1
-    assert "the chain ended at entry 7, not at entry 10 as the last commit recorded" in out
-
-
-def test_a_waiting_message_edited_is_caught(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config, db = _store(tmp_path)
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE outbox SET payload = ? WHERE message_id = 'msg-002'", (b'{"n":9}',))
-    code, out = _verify(config, capsys)
-    assert code == 1
-    assert "BROKEN at entry 5: outbox message msg-002 is not what this entry recorded" in out
 
 
 def test_a_store_that_never_ran_and_a_bad_config(

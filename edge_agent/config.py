@@ -14,6 +14,7 @@ per signal, see :class:`ModbusSource`). The signal names and rules are the same 
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -34,6 +36,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from edge_agent.domain.counters import CounterSpec
 from edge_agent.domain.masterdata import DecimalStr
@@ -85,7 +88,15 @@ def _known_unit(value: str) -> str:
     return value
 
 
+def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
+    # a relative path is relative to the configuration file (``parse_config``'s ``base``)
+    base = info.context.get("base") if isinstance(info.context, dict) else None
+    return base / value if base is not None and not value.is_absolute() else value
+
+
 Name = Annotated[str, AfterValidator(_name)]
+#: a file named in the configuration: a relative path is relative to the configuration file
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
 NodeId = Annotated[str, AfterValidator(_node_id)]
 UnitCode = Annotated[str, AfterValidator(_known_unit)]
 
@@ -116,8 +127,64 @@ class PlaceSection(_Section):
         return value
 
 
+def _not_a_literal_secret(value: Any) -> Any:
+    if not isinstance(value, dict | _SecretSource):
+        # its own error type: describe() never shows the input of this one (it is the secret)
+        raise PydanticCustomError(
+            "secret_literal",
+            'a secret is never written in the configuration: give { file = "..." } (a file '
+            'only the agent reads) or { env = "NAME" } (an environment variable)',
+        )
+    return value
+
+
+class _SecretSource(_Section):
+    """A password or key, read from a file or an environment variable when the agent starts:
+    never written in the configuration, never on the command line, never logged."""
+
+    file: ConfigPath | None = None
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+
+    @model_validator(mode="after")
+    def _readable(self) -> Self:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of file or env")
+        if not self.reveal_bytes():
+            raise ValueError(f"{self._where()} is empty")
+        return self
+
+    def _where(self) -> str:
+        return f"file {str(self.file)!r}" if self.file is not None else f"${self.env}"
+
+    def reveal_bytes(self) -> bytes:
+        """The secret (a trailing line break is not part of it); ValueError names what is
+        missing, never the value."""
+        if self.file is not None:
+            try:
+                data = self.file.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {self._where()}: {exc.strerror}") from None
+        else:
+            assert self.env is not None
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ValueError(f"environment variable {self.env} is not set")
+            data = value.encode()
+        return data.rstrip(b"\r\n")
+
+    def reveal(self) -> str:
+        try:
+            return self.reveal_bytes().decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"{self._where()} is not UTF-8 text") from None
+
+
+#: a secret: ``{ file = "..." }`` or ``{ env = "NAME" }``, never the value itself
+Secret = Annotated[_SecretSource, BeforeValidator(_not_a_literal_secret)]
+
+
 class StoreSection(_Section):
-    path: Path
+    path: ConfigPath
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
@@ -173,9 +240,9 @@ class MasterDataSection(_Section):
     balances once, when the store has none (afterwards the balances are the store's state).
     """
 
-    path: Path
-    lots: Path | None = None
-    orders: Path | None = None
+    path: ConfigPath
+    lots: ConfigPath | None = None
+    orders: ConfigPath | None = None
 
 
 class NodeSignal(_Section):
@@ -827,6 +894,8 @@ def describe(exc: ValidationError) -> list[str]:
             problems += msg.splitlines()  # cross-reference problems carry their own paths
         elif err["type"] == "missing":
             problems.append(f"{path}: required")
+        elif err["type"] == "secret_literal":
+            problems.append(f"{path}: {msg}")  # the input is the secret itself: not shown
         elif err["type"] == "source_kind":
             value = err.get("input")
             kind = value.get("kind") if isinstance(value, dict) else None
@@ -843,23 +912,9 @@ def describe(exc: ValidationError) -> list[str]:
 def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
     """Validate a configuration mapping; relative paths are resolved against ``base``."""
     try:
-        config = Config.model_validate(data)
+        return Config.model_validate(data, context={"base": base})
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
-    if base is None:
-        return config
-    store = config.store.model_copy(update={"path": base / config.store.path})
-    masterdata = None
-    if config.masterdata is not None:
-        m = config.masterdata
-        masterdata = m.model_copy(
-            update={
-                "path": base / m.path,
-                "lots": base / m.lots if m.lots is not None else None,
-                "orders": base / m.orders if m.orders is not None else None,
-            }
-        )
-    return config.model_copy(update={"store": store, "masterdata": masterdata})
 
 
 def load_config(path: Path) -> Config:

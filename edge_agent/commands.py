@@ -24,7 +24,11 @@ the command makes sense (an unknown order, a lot that is not staged) is the engi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
@@ -39,7 +43,7 @@ from pydantic import (
 )
 
 from edge_agent.domain.lots import LotStatus
-from edge_agent.domain.masterdata import _DECIMAL_SYNTAX, parse_decimal
+from edge_agent.domain.masterdata import _DECIMAL_SYNTAX, parse_decimal, parse_timestamp
 from edge_agent.messages import SCHEMA_PREFIX, VERSION, WireTime, _Wire
 
 #: a quantity in a command: a decimal string (or a JSON integer), never a JSON number with a
@@ -64,11 +68,19 @@ MAX_COMMAND_BYTES = 1_048_576
 Id = Field(min_length=1, max_length=200)
 
 
+class Signature(_Wire):
+    """An HMAC-SHA256 over the command's canonical form (:func:`canonical_form`), in hex."""
+
+    alg: Literal["HMAC-SHA256"] = "HMAC-SHA256"
+    value: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
 class _Command(_Wire):
     version: Literal[1] = 1
     command_id: str = Id
     issued_at: WireTime | None = None
     issued_by: str | None = None
+    signature: Signature | None = None
 
 
 class MasterDataCommand(_Command):
@@ -200,6 +212,7 @@ class Heartbeat(_Wire):
     mes_time: WireTime
     #: allowed (an MES may number everything) but unused: a heartbeat is not applied or answered
     command_id: str | None = None
+    signature: Signature | None = None
 
 
 class MesAck(BaseModel):
@@ -210,6 +223,8 @@ class MesAck(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     message_ids: list[str]
+    #: required when the agent has a ``[commands] signing_key`` (over the whole payload)
+    signature: Signature | None = None
 
 
 Command = (
@@ -239,10 +254,84 @@ class CommandRejected(BaseModel):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """Signed commands (``[commands] signing_key``): every command must carry a
+    :class:`Signature` made with ``key``, its ``issued_by`` and an ``issued_at`` within
+    ``max_age_s`` of the agent's clock (either way)."""
+
+    key: bytes = field(repr=False)  # never in a log
+    max_age_s: float
+
+
+def canonical_form(data: dict[str, Any]) -> bytes:
+    """What a signature covers: the whole command but its ``signature`` member, as JSON with
+    the keys sorted (by code point) at every level, no spaces, UTF-8 (non-ASCII as is)."""
+    unsigned = {k: v for k, v in data.items() if k != "signature"}
+    return json.dumps(
+        unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def sign(data: dict[str, Any], key: bytes) -> dict[str, Any]:
+    """``data`` with its signature (the MES's side; the simulator and the tests use it)."""
+    value = hmac.new(key, canonical_form(data), hashlib.sha256).hexdigest()
+    return {**data, "signature": {"alg": "HMAC-SHA256", "value": value}}
+
+
+def signature_problem(  # noqa: PLR0911 - one return per problem, in the order checked
+    data: dict[str, Any], signing: Signing, now: datetime, timed: bool = True
+) -> str | None:
+    """Why ``data`` (a parsed command) is not an acceptably signed command, or None.
+
+    ``timed``: the command must name its user and a fresh ``issued_at`` (a heartbeat's time is
+    its ``mes_time``, which the clock check judges; an acknowledgement names no user).
+    """
+    given = data.get("signature")
+    if given is None:
+        return "signature: required (this agent accepts signed commands only)"
+    value = given.get("value") if isinstance(given, dict) else None
+    if not isinstance(value, str) or given.get("alg") != "HMAC-SHA256":
+        return 'signature: must be {"alg": "HMAC-SHA256", "value": "<64 hex digits>"}'
+    try:
+        expected = hmac.new(signing.key, canonical_form(data), hashlib.sha256).hexdigest()
+    except ValueError:  # a NaN or infinity has no canonical form
+        return "signature: the command has no canonical JSON form (NaN or Infinity)"
+    if not hmac.compare_digest(expected, value.lower()):
+        return "signature: does not match the command (another key, or the command was altered)"
+    if not timed:
+        return None
+    if not isinstance(data.get("issued_by"), str) or not data["issued_by"]:
+        return "issued_by: required in a signed command (the user who issued it)"
+    raw = data.get("issued_at")
+    try:
+        issued = parse_timestamp(raw) if isinstance(raw, str) else None
+    except ValueError:
+        issued = None
+    if issued is None:
+        return f"issued_at: required in a signed command, an ISO-8601 time (got {raw!r})"
+    age = now - issued
+    if abs(age) > timedelta(seconds=signing.max_age_s):
+        return (
+            f"issued_at: {raw} is {abs(age.total_seconds()):.0f} s "
+            f"{'before' if age > timedelta(0) else 'after'} the agent's clock (more than "
+            f"max_age_s = {signing.max_age_s:g}): a stale or replayed command"
+        )
+    return None
+
+
 def parse_command(  # noqa: PLR0911 - one return per rejection, in the order checked
-    kind: str, payload: bytes, max_bytes: int = MAX_COMMAND_BYTES
+    kind: str,
+    payload: bytes,
+    max_bytes: int = MAX_COMMAND_BYTES,
+    signing: Signing | None = None,
+    now: datetime | None = None,
 ) -> Command | Heartbeat | CommandRejected:
-    """A received command (``kind`` is its topic's last level), or why it is rejected."""
+    """A received command (``kind`` is its topic's last level), or why it is rejected.
+
+    With ``signing``, an unsigned, mis-signed or stale command (``now``: the agent's clock) is
+    rejected before its content is looked at.
+    """
 
     def rejected(reason: str, command_id: str | None = None) -> CommandRejected:
         return CommandRejected(kind=kind, command_id=command_id, reason=reason)
@@ -261,6 +350,11 @@ def parse_command(  # noqa: PLR0911 - one return per rejection, in the order che
         return rejected(f"payload: a command is a JSON object (got {type(data).__name__})")
     raw_id = data.get("command_id")
     command_id = raw_id if isinstance(raw_id, str) and raw_id else None
+    if signing is not None:
+        assert now is not None, "a signature's age needs the agent's clock"
+        problem = signature_problem(data, signing, now, timed=kind != "heartbeat")
+        if problem is not None:
+            return rejected(problem, command_id)
     schema = data.get("schema")
     wanted = f"{SCHEMA_PREFIX}{kind}"
     if schema != wanted:

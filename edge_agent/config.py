@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from edge_agent.commands import COMMAND_MODELS, Signing
 from edge_agent.domain.counters import CounterSpec
 from edge_agent.domain.masterdata import DecimalStr
 from edge_agent.domain.quantities import unit
@@ -125,6 +126,10 @@ class PlaceSection(_Section):
         if dupes:
             raise ValueError(f"work centre listed twice: {', '.join(dupes)}")
         return value
+
+
+#: the shortest HMAC key accepted (RFC 2104: at least the hash's output length is advised)
+MIN_SIGNING_KEY_BYTES = 32
 
 
 def _not_a_literal_secret(value: Any) -> Any:
@@ -226,6 +231,48 @@ class ClockSection(_Section):
     again (0: no check)."""
 
     max_skew_s: DecimalStr = Field(default=Decimal(5), ge=0, le=3600)
+
+
+class CommandsSection(_Section):
+    """What the agent takes from the MES on ``{topic_base}/in/{kind}`` (docs/security.md).
+
+    ``accept``: the command kinds this agent applies; any other is rejected (e.g. leave out
+    ``master-data`` where the BOMs come only from files). ``signing_key``: a key shared with the
+    MES; when set, every command (and heartbeat, and MES acknowledgement) must carry an
+    HMAC-SHA256 signature made with it, and a command its user and an ``issued_at`` within
+    ``max_age_s`` of the agent's clock.
+    """
+
+    accept: tuple[str, ...] = tuple(COMMAND_MODELS)
+    signing_key: Secret | None = None
+    max_age_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+
+    @field_validator("accept")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [k for k in value if k not in COMMAND_MODELS]
+        if unknown:
+            raise ValueError(
+                f"unknown command kind {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(COMMAND_MODELS)})"
+            )
+        return value
+
+    @field_validator("signing_key")
+    @classmethod
+    def _long_enough(cls, value: _SecretSource | None) -> _SecretSource | None:
+        if value is not None and len(value.reveal_bytes()) < MIN_SIGNING_KEY_BYTES:
+            raise ValueError(
+                f"a signing key needs at least {MIN_SIGNING_KEY_BYTES} bytes "
+                f"(e.g. `openssl rand -hex 32 > key`)"
+            )
+        return value
+
+    def signing(self) -> Signing | None:
+        """The key, read once at start (None: commands need no signature)."""
+        if self.signing_key is None:
+            return None
+        return Signing(self.signing_key.reveal_bytes(), self.max_age_s)
 
 
 class OrdersSection(_Section):
@@ -833,6 +880,7 @@ class Config(_Section):
     store: StoreSection
     mqtt: MqttSection = MqttSection()
     clock: ClockSection = ClockSection()
+    commands: CommandsSection = CommandsSection()
     orders: OrdersSection = OrdersSection()
     masterdata: MasterDataSection | None = None
     sources: tuple[_AnySource, ...] = Field(min_length=1)

@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import structlog
 
 from edge_agent.commands import (
+    COMMAND_MODELS,
     CommandRejected,
     ExceptionResolutionCommand,
     Heartbeat,
@@ -490,6 +491,7 @@ class Engine:
         master_doc: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self._signing = config.commands.signing()  # the key is read once, at start
         self.master = master
         #: the master data as JSON (what a master-data command merges into)
         self.master_doc: dict[str, Any] = dict(master_doc or {"materials": [], "boms": []})
@@ -2062,7 +2064,19 @@ class Engine:
 
     def _command(self, event: CommandEvent) -> None:
         """Validate, apply once, reply: a rejected command changes nothing but the reply."""
-        parsed = parse_command(event.kind, event.payload, self.config.mqtt.max_command_bytes)
+        if event.kind in COMMAND_MODELS and event.kind not in self.config.commands.accept:
+            accepted = ", ".join(self.config.commands.accept)
+            refused = f"topic: this agent does not accept {event.kind!r} (accepted: {accepted})"
+            log.warning("command_rejected", kind=event.kind, reason=refused)
+            self._reply(event.kind, None, "rejected", refused)
+            return
+        parsed = parse_command(
+            event.kind,
+            event.payload,
+            self.config.mqtt.max_command_bytes,
+            self._signing,
+            event.received_at,
+        )
         if isinstance(parsed, Heartbeat):
             self._heartbeat(parsed, event.received_at)
             return

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import queue
 import signal
@@ -74,6 +75,7 @@ from edge_agent.commands import (
     ReversalCommand,
     WorkOrderCommand,
     parse_command,
+    sign,
 )
 from edge_agent.config import Config
 from edge_agent.domain.lots import LotStatus
@@ -600,6 +602,8 @@ class MesSimulator:
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 8,
         mes_ack: bool = False,
+        signing_key: bytes | None = None,
+        user: str = "mes-sim",
     ) -> None:
         if (topic_base is None) == (topic_filter is None):
             raise ValueError("give exactly one of topic_base and topic_filter")
@@ -622,6 +626,10 @@ class MesSimulator:
         self.reconnect_max_s = reconnect_max_s
         #: where recorded message ids are acknowledged (None: no end-to-end acknowledgement)
         self.ack_topic = f"{topic_base}/in/mes-ack" if mes_ack else None
+        #: commands and acknowledgements are signed with this key (the agent's
+        #: ``[commands] signing_key``), issued by ``user``
+        self.signing_key = signing_key
+        self.user = user
         self.ledger = Ledger(ledger)
         #: end-to-end acknowledgements published
         self.acks_sent = 0
@@ -648,6 +656,8 @@ class MesSimulator:
             "topic_base": config.topic_base,
             "mes_ack": config.mqtt.delivery == "mes-ack",
         }
+        if config.commands.signing_key is not None:
+            options["signing_key"] = config.commands.signing_key.reveal_bytes()
         options.update(kwargs)
         return cls(ledger, **options)
 
@@ -798,7 +808,10 @@ class MesSimulator:
         kind = COMMAND_KINDS.get(type(command))
         if kind is None:
             raise TypeError(f"not a command model: {type(command).__name__}")
-        self.send_raw(kind, command.model_dump_json(by_alias=True).encode(), timeout)
+        payload = command.model_dump_json(by_alias=True).encode()
+        if self.signing_key is not None:
+            payload = self.signed(json.loads(payload), timed=kind != "heartbeat")
+        self.send_raw(kind, payload, timeout)
         command_id = getattr(command, "command_id", None) or ""
         assert isinstance(command_id, str)
         return command_id if kind != "heartbeat" else ""
@@ -823,6 +836,10 @@ class MesSimulator:
         if not info.is_published():
             raise TimeoutError(f"{topic}: no PUBACK from the broker within {timeout} s")
         self.commands_sent += 1
+
+    def signed(self, data: dict[str, Any], timed: bool = True) -> bytes:
+        assert self.signing_key is not None, "no signing key"
+        return signed_payload(data, self.signing_key, self.user, timed)
 
     def new_command_id(self) -> str:
         """A fresh command id: the client id and 12 random hex digits."""
@@ -1066,13 +1083,47 @@ class MesSimulator:
             log.warning("mes_message_rejected", topic=message.topic, error=recorded.error)
         elif self.ack_topic is not None:
             # a repeat is acknowledged again: the agent sent it because it missed the first ack
-            ack = json.dumps({"message_ids": [recorded.message_id]})
+            ids = {"message_ids": [recorded.message_id]}
+            ack = self.signed(ids, timed=False) if self.signing_key else json.dumps(ids).encode()
             client.publish(self.ack_topic, ack, qos=1)
             self.acks_sent += 1
         client.ack(message.mid, message.qos)
 
 
 # ---------------------------------------------------------------------------------------- CLI
+
+
+def signed_payload(data: dict[str, Any], key: bytes, user: str, timed: bool = True) -> bytes:
+    """``data`` signed with ``key`` as the MES signs (:func:`edge_agent.commands.sign`);
+    ``timed``: issued now by ``user`` unless it says otherwise (a command, not a heartbeat or an
+    acknowledgement)."""
+    data = {k: v for k, v in data.items() if k != "signature"}
+    if timed:
+        data["issued_at"] = data.get("issued_at") or wire_time(datetime.now(UTC))
+        data["issued_by"] = data.get("issued_by") or user
+    return json.dumps(sign(data, key)).encode()
+
+
+def _key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--signing-key-file",
+        type=Path,
+        metavar="FILE",
+        help="sign commands and acknowledgements with this key (the agent's "
+        "[commands] signing_key)",
+    )
+
+
+def _read_key(parser: argparse.ArgumentParser, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        parser.error(f"--signing-key-file: cannot read {str(path)!r}: {exc.strerror}")
+    if not key:
+        parser.error(f"--signing-key-file: {str(path)!r} is empty")
+    return key
 
 
 def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
@@ -1246,6 +1297,7 @@ def _listen_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report", action="store_true", help="only print the totals of an existing ledger"
     )
+    _key_argument(parser)
     return parser
 
 
@@ -1290,6 +1342,7 @@ def listen_main(argv: Sequence[str]) -> int:
             protocol=args.protocol,
             client_id=args.client_id,
             mes_ack=args.mes_ack,
+            signing_key=_read_key(parser, args.signing_key_file),
         )
     except (InputError, sqlite3.DatabaseError) as exc:
         parser.error(f"--ledger: {exc}")
@@ -1442,9 +1495,14 @@ def send_main(argv: Sequence[str]) -> int:
         action="store_true",
         help="publish the file's bytes as they are: nothing added, nothing checked",
     )
+    parser.add_argument("--user", default=getpass.getuser(), help="issued_by of a signed command")
+    _key_argument(parser)
     parser.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(COMMAND_MODELS)}")
     parser.add_argument("file", metavar="FILE.json", type=Path, help="the command")
     args = parser.parse_args(argv)
+    key = _read_key(parser, args.signing_key_file)
+    if key is not None and args.raw:
+        parser.error("--raw publishes the file's bytes as they are: it cannot sign them")
 
     try:
         host, port = parse_broker(args.broker)
@@ -1458,6 +1516,8 @@ def send_main(argv: Sequence[str]) -> int:
     if args.wait_reply is not None and args.wait_reply <= 0:
         parser.error(f"--wait-reply: must be above 0 s (got {args.wait_reply})")
     payload, command_id = _command_payload(parser, args.kind, args.file, args.raw)
+    if key is not None:
+        payload = signed_payload(json.loads(payload), key, args.user, args.kind != "heartbeat")
     wait = args.wait_reply is not None
     if wait and not command_id:
         parser.error(

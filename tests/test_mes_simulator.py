@@ -34,8 +34,10 @@ from edge_agent.commands import (
     LotStagingCommand,
     MasterDataCommand,
     ReversalCommand,
+    Signing,
     WorkOrderCommand,
     parse_command,
+    signature_problem,
 )
 from edge_agent.config import parse_config
 from edge_agent.errors import InputError
@@ -895,6 +897,8 @@ def test_cli_send_with_a_bad_file_exits_2_naming_the_file_and_the_problem(
         (["recipe"], "unknown command kind 'recipe'"),
         (["--wait-reply", "5", "heartbeat"], "a heartbeat has no reply"),
         (["--wait-reply", "0", "work-order"], "must be above 0 s"),
+        (["--signing-key-file", "/nonexistent/key", "heartbeat"], "--signing-key-file: cannot"),
+        (["--raw", "--signing-key-file", __file__, "heartbeat"], "it cannot sign them"),
     ],
 )
 def test_cli_send_bad_arguments_exit_2(
@@ -954,3 +958,25 @@ def test_cli_send_adds_a_command_id_and_prints_the_reply(
     out = capsys.readouterr().out
     assert command["command_id"] in out
     assert result in out
+
+
+def test_cli_send_signs_with_the_key_file(broker: AnyBroker, tmp_path: Path) -> None:
+    protocol = broker.protocols[0]
+    agent = Watcher(broker, protocol, f"{BASE}/in/#")
+    key = tmp_path / "key"
+    key.write_bytes(b"s" * 32 + b"\n")
+    path = tmp_path / "release.json"
+    release = {"action": "release", "order": ORDER, "product": "P", "quantity": "1"}
+    path.write_text(json.dumps(release))
+    try:
+        argv = _send_argv(f"{broker.host}:{broker.port}", "--protocol", protocol)
+        argv += ["--signing-key-file", str(key), "--user", "qa-lead"]
+        assert main([*argv, "work-order", str(path)]) == 0
+        ((_, payload),) = agent.take(1)
+    finally:
+        agent.close()
+    command = json.loads(payload)
+    assert command["issued_by"] == "qa-lead"
+    now = datetime.now(UTC)
+    assert signature_problem(command, Signing(b"s" * 32, 60), now) is None
+    assert signature_problem(command, Signing(b"t" * 32, 60), now) is not None

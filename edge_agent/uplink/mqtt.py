@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -50,7 +51,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from edge_agent import __version__
-from edge_agent.commands import MesAck
+from edge_agent.commands import MesAck, Signing, signature_problem
 from edge_agent.config import Config
 from edge_agent.crashpoints import crash_point
 from edge_agent.errors import EdgeAgentError, InputError, StoreError
@@ -116,6 +117,7 @@ class MqttUplink:
         self.command_topics = f"{config.topic_base}/in/#"
         self.mes_ack_topic = f"{config.topic_base}/in/mes-ack"
         self._mes_ack = config.mqtt.delivery == "mes-ack"
+        self._signing = config.commands.signing()
         self._awaiting: dict[str, float] = {}  # message id → when its PUBACK came (mes-ack)
         self._acked_ids: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -419,7 +421,7 @@ class MqttUplink:
         if not self._mes_ack:
             return  # acknowledgements mean nothing when the broker's PUBACK is delivery
         try:
-            ids = parse_mes_ack(bytes(message.payload))
+            ids = parse_mes_ack(bytes(message.payload), self._signing)
         except InputError as exc:
             log.warning("mes_ack_invalid", error=str(exc), payload=message.payload[:200])
             return
@@ -529,15 +531,23 @@ def _unsupported_command(kind: str, payload: bytes, ack: Callable[[], None]) -> 
     ack()
 
 
-def parse_mes_ack(payload: bytes) -> list[str]:
+def parse_mes_ack(payload: bytes, signing: Signing | None = None) -> list[str]:
     """The message ids of an MES acknowledgement (:class:`~edge_agent.commands.MesAck`);
-    anything else raises InputError naming the problem (the uplink logs it and goes on)."""
+    anything else raises InputError naming the problem (the uplink logs it and goes on). With
+    ``signing``, an acknowledgement must be signed (a forged one would empty the outbox)."""
     try:
-        return MesAck.model_validate_json(payload).message_ids
+        ack = MesAck.model_validate_json(payload)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(x) for x in error["loc"]) or "payload"
         raise InputError(f"mes-ack: {where}: {error['msg']}") from None
+    if signing is not None:
+        # valid JSON object: MesAck parsed it; an acknowledgement is idempotent, so its age
+        # does not matter, only who made it
+        problem = signature_problem(json.loads(payload), signing, datetime.now(UTC), timed=False)
+        if problem is not None:
+            raise InputError(f"mes-ack: {problem}")
+    return ack.message_ids
 
 
 def close_sockets(client: mqtt.Client) -> None:

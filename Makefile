@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/edge-agent demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # the fault suite: faults injected while the line runs, a table of what was lost or doubled
 faults: $(STAMP)

@@ -185,21 +185,25 @@ class ReversalCommand(_Command):
     message_id: str = Id
     reason_code: str = Id
     requested_by: str = Id
+    comment: str | None = Field(default=None, max_length=2000)
 
 
 class ExceptionResolutionCommand(_Command):
     """The MES decides what happens to counts the agent keeps for it: ``post`` the counts of an
     implausible counter jump (``counter_jump``) or ``discard`` them; ``discard`` the counts kept
-    for an unknown, held or closed order (``unknown_order``, ``order_held``, ``order_closed``).
-    ``exception_id`` is the open exception's message id."""
+    for an unknown, held or closed order (``unknown_order``, ``order_held``, ``order_closed``);
+    ``approve`` a flagged order-close variance (``usage_variance``), as a signature: who
+    (``requested_by``), why (``reason_code``, ``comment``). ``exception_id`` is the open
+    exception's message id."""
 
     schema_name: Literal["edge-agent/exception-resolution"] = Field(
         default="edge-agent/exception-resolution", alias="schema"
     )
     exception_id: str = Id
-    action: Literal["post", "discard"]
+    action: Literal["post", "discard", "approve"]
     reason_code: str = Id
     requested_by: str = Id
+    comment: str | None = Field(default=None, max_length=2000)
 
 
 class Heartbeat(_Wire):

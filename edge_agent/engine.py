@@ -2312,16 +2312,29 @@ class Engine:
             "uom": bom.uom,
             "command_id": trigger.value or "",
         }
-        self._emit(
-            OrderVariance(
-                **self._header(wo.work_centre, order, "", "variance"),
-                **common,
-                planned_quantity=wo.quantity,
-                threshold_pct=self.config.orders.variance_threshold_pct,
-                lines=tuple(_variance_line(v) for v in lines),
-                remnants=tuple(remnants),
-            )
+        variance = OrderVariance(
+            **self._header(wo.work_centre, order, "", "variance"),
+            **common,
+            planned_quantity=wo.quantity,
+            threshold_pct=self.config.orders.variance_threshold_pct,
+            lines=tuple(_variance_line(v) for v in lines),
+            remnants=tuple(remnants),
         )
+        self._emit(variance)
+        flagged = [v.material for v in lines if v.flagged]
+        if flagged:  # open until someone answers for it (exception-resolution "approve")
+            self._exception(
+                wo.work_centre,
+                ExceptionCode.USAGE_VARIANCE,
+                Severity.WARNING,
+                f"order {order} closed with a usage variance beyond "
+                f"{fmt(self.config.orders.variance_threshold_pct)} % for "
+                f"{', '.join(flagged)}: open until approved",
+                order,
+                None,
+                details={"variance_message_id": variance.message_id},
+                open_key=f"variance/{order}",
+            )
         good, scrap = Decimal(0), Decimal(0)
         for op in bom.operations:
             progress = state.consumption.operation(op)
@@ -2566,6 +2579,7 @@ class Engine:
                         command_id=command.command_id,
                         reason_code=command.reason_code,
                         requested_by=command.requested_by,
+                        comment=command.comment,
                     ),
                     "trigger": trigger,
                     "clock": None,
@@ -2592,7 +2606,19 @@ class Engine:
             )
         record = self.open_exceptions[key]
         code, order = record["code"], record["order"]
-        how = f"{command.action} by {command.requested_by} ({command.reason_code})"
+        by = f"by {command.requested_by} ({command.reason_code})" + (
+            f": {command.comment}" if command.comment else ""
+        )
+        how = f"{command.action} {by}"
+        if code == ExceptionCode.USAGE_VARIANCE:
+            if command.action != "approve":
+                raise CommandRefused(
+                    f"action: a usage variance is approved (action approve), not {command.action}ed"
+                )
+            self._resolve(key, f"the usage variance of order {order} is approved {by}")
+            return
+        if command.action == "approve":
+            raise CommandRefused(f"action: approve is for a usage_variance exception, not {code}")
         if code == ExceptionCode.COUNTER_JUMP:
             item = self.parked.pop(command.exception_id)
             self._dirty.add("exceptions")
@@ -2629,8 +2655,8 @@ class Engine:
             return
         raise CommandRefused(
             f"exception_id: a {code} exception clears by itself (it is resolved when its cause "
-            "is gone); only counter_jump, unknown_order, order_held and order_closed are "
-            "resolved by the MES"
+            "is gone); only counter_jump, unknown_order, order_held, order_closed and "
+            "usage_variance are resolved by the MES"
         )
 
     # ........................................................ time

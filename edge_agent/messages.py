@@ -115,6 +115,7 @@ class ExceptionCode(StrEnum):
     ORDER_CLOSED = "order_closed"  # counts for an order already closed: kept, not posted
     CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"  # skew beyond the limit: postings held
     COUNTER_JUMP = "counter_jump"  # a count rose implausibly fast: kept until the MES decides
+    USAGE_VARIANCE = "usage_variance"  # a flagged order-close variance: open until approved
     STORE_FULL = "store_full"  # the store's disk was full: no new work taken meanwhile
     STORE_WRITE_FAILED = "store_write_failed"  # the store could not commit (I/O): work held
 
@@ -210,6 +211,7 @@ class Reversal(_Wire):
     command_id: str
     reason_code: str
     requested_by: str
+    comment: str | None = None
 
 
 class MaterialConsumed(_Header):

@@ -957,6 +957,7 @@ class MesSimulator:
         reason_code: str,
         requested_by: str,
         *,
+        comment: str | None = None,
         command_id: str | None = None,
     ) -> str:
         """Ask the agent to reverse the material-consumed message ``message_id``."""
@@ -966,21 +967,23 @@ class MesSimulator:
                 message_id=message_id,
                 reason_code=reason_code,
                 requested_by=requested_by,
+                comment=comment,
             )
         )
 
     def resolve_exception(
         self,
         exception_id: str,
-        action: Literal["post", "discard"],
+        action: Literal["post", "discard", "approve"],
         reason_code: str,
         requested_by: str,
         *,
+        comment: str | None = None,
         command_id: str | None = None,
     ) -> str:
-        """Decide on counts the agent keeps for the open exception ``exception_id`` (an
-        implausible counter jump: post or discard; counts for an unknown, held or closed order:
-        discard)."""
+        """Decide on the open exception ``exception_id``: the counts of an implausible counter
+        jump (post or discard), counts for an unknown, held or closed order (discard), a flagged
+        order-close variance (approve)."""
         return self.send(
             ExceptionResolutionCommand(
                 command_id=command_id or self.new_command_id(),
@@ -988,6 +991,7 @@ class MesSimulator:
                 action=action,
                 reason_code=reason_code,
                 requested_by=requested_by,
+                comment=comment,
             )
         )
 

@@ -481,7 +481,31 @@ async def _mes_closes(mes: MesSimulator, plan: ShiftPlan, progress: Progress) ->
     if staged:
         progress(plan.units, f"held requirements bound to {', '.join(staged)}", True)
     progress(plan.units, "the MES closes the orders: variance and genealogy", True)
-    return await _close_orders(mes, [order for order, _ in plan.orders])
+    refused = await _close_orders(mes, [order for order, _ in plan.orders])
+    approved = await _approve_variances(mes)
+    if approved:
+        progress(plan.units, f"flagged variances approved by qa-lead: {', '.join(approved)}", True)
+    return refused
+
+
+async def _approve_variances(mes: MesSimulator) -> list[str]:
+    """A quality lead answers for each flagged order-close variance (a usage_variance still
+    open), as a signature: who and why. The orders approved."""
+    approved = []
+    for exception in mes.open_exceptions():
+        if exception.code != "usage_variance" or exception.order is None:
+            continue
+        command = mes.resolve_exception(
+            exception.message_id,
+            "approve",
+            "SHIFT_REVIEW",
+            "qa-lead",
+            comment="reviewed at the end of the shift",
+        )
+        reply = await asyncio.to_thread(mes.wait_reply, command, 20.0)
+        if reply.result == "accepted":
+            approved.append(exception.order)
+    return approved
 
 
 async def _stage_for_held(mes: MesSimulator) -> list[str]:

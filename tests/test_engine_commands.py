@@ -323,6 +323,73 @@ async def test_close_reports_variance_genealogy_and_remnants(tmp_path: Path, sto
     assert again.result == "rejected"
 
 
+async def test_a_flagged_variance_stays_open_until_someone_approves_it(
+    tmp_path: Path, store: Store
+) -> None:
+    engine, mes, line, _ = await setup(tmp_path, store)
+    engine.apply(line.event("MIX-1", "order", "WO-7"))
+    engine.apply(line.event("MIX-1", "good", 100))
+    await commit(engine, store)
+    close = await mes.send(
+        "work-order",
+        action="close",
+        order="WO-7",
+        remnants=[{"lot": "PERF-0042", "quantity": "1.895"}],  # 5 % over on RM-PERFUME
+    )
+    messages = await outbox(store)
+    (variance,) = [m for m in messages if isinstance(m, OrderVariance)]
+    (opened,) = exceptions(messages, "usage_variance")
+    assert opened.message_id in close.produced
+    assert opened.details == {"variance_message_id": variance.message_id}
+    assert opened.order == "WO-7"
+    assert "RM-PERFUME" in opened.text
+    assert [e["code"] for e in engine.status_figures()["open_exceptions"]] == ["usage_variance"]
+
+    fields = {"exception_id": opened.message_id, "reason_code": "SPILL", "requested_by": "qa-lead"}
+    before = await snapshot(store)
+    for action, reason in (
+        ("discard", "action: a usage variance is approved (action approve), not discarded"),
+        ("post", "action: a usage variance is approved (action approve), not posted"),
+    ):
+        refused = await mes.send("exception-resolution", action=action, **fields)
+        assert (refused.result, refused.reason) == ("rejected", reason)
+    assert await snapshot(store) == before
+
+    approved = await mes.send(
+        "exception-resolution", action="approve", comment="tube line purge, see shift log", **fields
+    )
+    assert approved.result == "accepted", approved.reason
+    resolved = exceptions(await outbox(store), "usage_variance")[-1]
+    assert resolved.resolves == opened.message_id
+    assert resolved.text == (
+        "resolved: the usage variance of order WO-7 is approved by qa-lead (SPILL): "
+        "tube line purge, see shift log"
+    )
+    assert engine.status_figures()["open_exceptions"] == []
+    again = await mes.send("exception-resolution", action="approve", **fields)
+    assert again.result == "rejected"  # approved once
+
+
+async def test_approve_is_only_for_a_usage_variance(tmp_path: Path, store: Store) -> None:
+    engine, mes, line, _ = await setup(tmp_path, store)
+    engine.apply(line.event("MIX-1", "order", "WO-404"))
+    engine.apply(line.event("MIX-1", "good", 4))
+    await commit(engine, store)
+    (unknown,) = exceptions(await outbox(store), "unknown_order")
+    reply = await mes.send(
+        "exception-resolution",
+        exception_id=unknown.message_id,
+        action="approve",
+        reason_code="TEST",
+        requested_by="jdoe",
+    )
+    assert (reply.result, reply.reason) == (
+        "rejected",
+        "action: approve is for a usage_variance exception, not unknown_order",
+    )
+    assert engine.order_states["WO-404"].pending  # kept
+
+
 # ------------------------------------------------------------------------------ reversal
 
 

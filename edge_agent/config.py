@@ -6,7 +6,8 @@ exits 2, and so will `edge-agent run`.
 
 Sections: ``[agent]`` (its id), ``[place]`` (the line's ISA-95 place: site, area, line, work
 centres), ``[store]`` (the SQLite file), ``[mqtt]`` (the uplink), ``[masterdata]`` (an optional
-initial master-data document, until the MES sends one), and ``[[sources]]``: one per PLC
+initial master-data document, until the MES sends one), ``[metrics]`` (the optional Prometheus
+endpoint, loopback unless told otherwise), and ``[[sources]]``: one per PLC
 connection and work centre, with its signal map: ``kind = "opcua"`` (the default; an
 ``endpoint`` and a node per signal) or ``kind = "modbus"`` (a ``host``, a unit id and a register
 per signal, see :class:`ModbusSource`). The signal names and rules are the same for both.
@@ -14,6 +15,7 @@ per signal, see :class:`ModbusSource`). The signal names and rules are the same 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -290,6 +292,62 @@ class MasterDataSection(_Section):
     path: ConfigPath
     lots: ConfigPath | None = None
     orders: ConfigPath | None = None
+
+
+#: the loopback names accepted without ``allow_remote`` (an IP literal is checked as such)
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) as (host, port); ValueError naming
+    what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address is written in brackets, e.g. '[::1]:9464'")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. '127.0.0.1:9464'")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsSection(_Section):
+    """The Prometheus endpoint (docs/metrics.md): served while the agent runs when the section
+    is present. Loopback only unless ``allow_remote``: the endpoint has no authentication, and
+    what it shows (orders, materials, variances) is the plant's business."""
+
+    #: declared before ``listen``, whose check reads it
+    allow_remote: bool = False
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str, info: ValidationInfo) -> str:
+        host, _ = _host_port(value)
+        if not _is_loopback(host) and not info.data.get("allow_remote", False):
+            raise ValueError(
+                f"{host} is not a loopback address: the endpoint has no authentication; "
+                "set metrics.allow_remote = true to serve it on the network "
+                "(and let a firewall decide who may scrape it)"
+            )
+        return value
+
+    @property
+    def host(self) -> str:
+        return _host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _host_port(self.listen)[1]
 
 
 class NodeSignal(_Section):
@@ -883,6 +941,9 @@ class Config(_Section):
     commands: CommandsSection = CommandsSection()
     orders: OrdersSection = OrdersSection()
     masterdata: MasterDataSection | None = None
+    #: the Prometheus endpoint; off without the section (several agents on one PC each need
+    #: their own port, and a port in use stops start-up: docs/metrics.md)
+    metrics: MetricsSection | None = None
     sources: tuple[_AnySource, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

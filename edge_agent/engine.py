@@ -343,6 +343,10 @@ class OrderState:
     reversals: dict[str, str] = field(default_factory=dict)
     #: quantity reversed per component (the wire's ``issued`` is net of it)
     reversed: dict[ComponentKey, Decimal] = field(default_factory=dict)
+    #: the close's variance per line, as the variance message carried it (material, uom,
+    #: theoretical, variance, flagged; decimal strings): the metrics sum them (None: open, or
+    #: closed before the agent kept them)
+    variance: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -363,6 +367,7 @@ class OrderState:
             ],
             "pending": self.pending,
             "reported_unknown": self.reported_unknown,
+            "variance": self.variance,
         }
 
     @classmethod
@@ -389,6 +394,7 @@ class OrderState:
                 )
                 for r in d.get("reversed", [])
             },
+            variance=d.get("variance"),
         )
 
 
@@ -467,10 +473,21 @@ class Outgoing:
 
 @dataclass
 class EngineStats:
+    """Counts since the engine started (the metrics endpoint reads them: edge_agent/metrics.py).
+
+    ``events`` counts every event applied, ``commands`` and ``connection_changes`` the MES
+    commands and source connection changes among them; ``messages`` what went to the outbox by
+    kind; ``exceptions`` the exception messages raised by code, ``resolved`` their "resolved"
+    messages; ``reconnects`` the established PLC connections lost, by source."""
+
     events: int = 0
+    commands: int = 0
+    connection_changes: int = 0
     batches: int = 0
     messages: Counter[str] = field(default_factory=Counter)
     exceptions: Counter[str] = field(default_factory=Counter)
+    resolved: Counter[str] = field(default_factory=Counter)
+    reconnects: Counter[str] = field(default_factory=Counter)
     acks_written: int = 0
     ack_failures: int = 0
 
@@ -955,9 +972,11 @@ class Engine:
         self.stats.events += 1
         self._begin_step()
         if isinstance(event, SourceStatus):
+            self.stats.connection_changes += 1
             self._source_status(event)
             return []
         if isinstance(event, CommandEvent):
+            self.stats.commands += 1
             self._command(event)
             return []
         self._plc_clock(event)
@@ -1014,6 +1033,8 @@ class Engine:
     def _source_status(self, status: SourceStatus) -> None:
         """A lost (or never made) PLC connection is an exception once, and its return another:
         nothing is counted meanwhile, and the read after reconnecting catches up."""
+        if self.connected.get(status.source) and not status.connected:
+            self.stats.reconnects[status.source] += 1
         self.connected[status.source] = status.connected
         log.info("source_status", source=status.source, connected=status.connected)
         source = self.sources.get(status.source)
@@ -2301,7 +2322,18 @@ class Engine:
         )
         # the remnants are back in stock: they leave the line's staging
         self._update_lots(replace(lots[r.lot], quantity=Decimal(0)) for r in remnants)
+        variance_lines = tuple(_variance_line(v) for v in lines)
         state.status = "closed"
+        state.variance = [
+            {
+                "material": x.material,
+                "uom": x.uom,
+                "theoretical": str(x.theoretical),
+                "variance": str(x.variance),
+                "flagged": x.flagged,
+            }
+            for x in variance_lines
+        ]
         self._dirty.add(f"order/{order}")
         self._begin_step()
         common = {
@@ -2317,7 +2349,7 @@ class Engine:
             **common,
             planned_quantity=wo.quantity,
             threshold_pct=self.config.orders.variance_threshold_pct,
-            lines=tuple(_variance_line(v) for v in lines),
+            lines=variance_lines,
             remnants=tuple(remnants),
         )
         self._emit(variance)
@@ -2858,7 +2890,7 @@ class Engine:
         if prior is None:
             return
         self._dirty.add("exceptions")
-        self.stats.exceptions[prior["code"]] += 1
+        self.stats.resolved[prior["code"]] += 1
         log.info("exception_resolved", code=prior["code"], key=key)
         self._emit(
             ExceptionMessage(

@@ -35,6 +35,7 @@ from edge_agent.domain.masterdata import (
 from edge_agent.domain.orders import WorkOrder, load_orders
 from edge_agent.engine import Engine
 from edge_agent.errors import ConfigError, EdgeAgentError, MasterDataError, SignalError
+from edge_agent.metrics import AgentMetrics, MetricsServer, registry_for
 from edge_agent.sources import Source
 from edge_agent.sources.modbus import ModbusSource
 from edge_agent.sources.opcua import OpcUaSource
@@ -165,9 +166,25 @@ class Agent:
         self.engine: Engine | None = None
         self.uplink: MqttUplink | None = None
         self.store: Store | None = None
+        self.metrics = AgentMetrics(config)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """The metrics endpoint binds first (a port in use stops start-up before anything
+        else starts) and closes last; it reads the store only while the store is open."""
+        metrics = self.metrics
+        metrics.bind(asyncio.get_running_loop())
+        m = self.config.metrics
+        server = MetricsServer(m, registry_for(metrics)) if m is not None else None
+        try:
+            await self._run(stop)
+        finally:
+            metrics.status = None
+            if server is not None:
+                await asyncio.to_thread(server.close)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         config = self.config
+        metrics = self.metrics
         Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
         async with Store.open(Path(config.store.path), config.store.synchronous) as store:
             self.store = store
@@ -176,6 +193,9 @@ class Agent:
                 config, store, docs.master, docs.orders, docs.lots, master_doc=docs.master_doc
             )
             self.engine = engine
+            metrics.engine = engine
+            if config.metrics is not None:
+                metrics.prime()
             log.info(
                 "agent_starting",
                 agent=config.agent.id,
@@ -201,10 +221,12 @@ class Agent:
                     **engine.status_figures(),
                 }
 
+            metrics.status = status  # the same figures, never computed a second way
             async with MqttUplink(
                 config, store, on_command=engine.submit_command, status=status
             ) as uplink:
                 self.uplink = uplink
+                metrics.uplink = uplink
                 async with asyncio.TaskGroup() as tg:
                     uplink_task = tg.create_task(uplink.run(), name="uplink")
                     engine_task = tg.create_task(
@@ -235,6 +257,7 @@ class Agent:
                         await engine_task
                     await cancel_until_done([uplink_task])
             log.info("agent_stopped", outbox=await store.outbox_depth())
+            metrics.status = None  # the store closes: a scrape shows its last figures from here
 
 
 def serve(config: Config) -> int:

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from edge_agent.config import Config
 from edge_agent.crashpoints import crash_point
 from edge_agent.errors import EdgeAgentError, InputError, StoreError
 from edge_agent.messages import StatusMessage
+from edge_agent.metrics import LatencyHistogram
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +125,8 @@ class MqttUplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
-        self._inflight: dict[int, OutboxRow] = {}  # paho mid → row
+        #: paho mid → (row, when it was handed to paho: time.monotonic())
+        self._inflight: dict[int, tuple[OutboxRow, float]] = {}
         self._acked: list[int] = []
         # PUBACKs reach the event loop in batches: one wake-up of the loop for all the PUBACKs
         # paho read since the last one, not one per message (a wake-up is two system calls and
@@ -136,6 +139,8 @@ class MqttUplink:
         self.refusal: Refusal | None = None
         self.published = 0
         self.reconnects = 0
+        #: publish → PUBACK (as the event loop takes it), per outbox row (the metrics read it)
+        self.publish_latency = LatencyHistogram()
         self.connect_failures = 0  # attempts since the last successful connect
         self._v5 = config.mqtt.protocol == "5"
         self._status_wake = asyncio.Event()
@@ -291,7 +296,7 @@ class MqttUplink:
                 crash_point("uplink.after_publish")
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     raise _Reconnected  # not connected any more: wait and start again
-                self._inflight[info.mid] = row
+                self._inflight[info.mid] = (row, time.monotonic())
                 after = row.seq
 
     async def _ack_loop(self) -> None:
@@ -473,14 +478,17 @@ class MqttUplink:
         with self._puback_lock:
             if self._puback_batch is batch:
                 self._puback_batch = []  # sealed: later PUBACKs start a batch of their own
+        now = time.monotonic()  # one clock read for the batch
         for mid, rc in batch:
-            self._puback(mid, rc)
+            self._puback(mid, rc, now)
 
-    def _puback(self, mid: int, rc: ReasonCode) -> None:
-        row = self._inflight.pop(mid, None)
+    def _puback(self, mid: int, rc: ReasonCode, now: float) -> None:
+        sent = self._inflight.pop(mid, None)
         self._window_free.set()
-        if row is None:
+        if sent is None:
             return  # the status message, or a PUBACK from before a reconnect
+        row, at = sent
+        self.publish_latency.observe(now - at)
         code = rc.value
         if code >= 0x80:
             if self.refusal is None:

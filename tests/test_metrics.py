@@ -164,10 +164,10 @@ def agent_config(
 
 
 @asynccontextmanager
-async def running(config: Config, sources: bool = True) -> AsyncIterator[Agent]:
-    """The agent until the block ends, once its sources (if ``sources``) and the broker are
-    connected; stopped as on SIGTERM."""
-    agent = Agent(config) if sources else Agent(config, make_sources=lambda c: [])
+async def running(config: Config) -> AsyncIterator[Agent]:
+    """The agent until the block ends, once its sources and the broker are connected; stopped
+    as on SIGTERM."""
+    agent = Agent(config)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
     try:
@@ -176,7 +176,7 @@ async def running(config: Config, sources: bool = True) -> AsyncIterator[Agent]:
                 agent.uplink is not None
                 and agent.uplink.connected
                 and agent.engine is not None
-                and (not sources or all(agent.engine.connected.values()))
+                and all(agent.engine.connected.values())
             ):
                 if task.done():
                     task.result()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from edge_agent import certs
 from edge_agent.commands import COMMAND_MODELS, Signing
 from edge_agent.domain.counters import CounterSpec
 from edge_agent.domain.masterdata import DecimalStr
@@ -471,6 +472,116 @@ class Subscription(_Section):
     deadband: DecimalStr | None = Field(default=None, ge=0)
 
 
+#: the OPC UA security policies the agent speaks, by the name the specification gives them
+SECURITY_POLICIES: Final = ("None", "Basic256Sha256")
+_SECURE_KEYS: Final = ("mode", "certificate", "private_key", "server_certificate")
+
+
+def _user_name(value: str) -> str:
+    if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be a user name without control characters")
+    return value
+
+
+class OpcUaSecurity(_Section):
+    """How one OPC UA source secures its connection (``[sources.security]``); see
+    docs/security.md.
+
+    ``policy = "None"`` (the default) is an unsecured connection and takes no other key.
+    ``"Basic256Sha256"`` needs the ``mode`` (``Sign`` or ``SignAndEncrypt``), the agent's
+    application ``certificate`` and ``private_key`` (``edge-agent certs`` creates them), and the
+    PLC's ``server_certificate``: the agent connects only to a PLC presenting exactly that one.
+    ``username`` and ``password`` (a secret) authenticate the user; they need a secure policy,
+    so a password never crosses the network in clear. Every file is read and checked here: a
+    certificate that does not load, a key that is not the certificate's are configuration errors.
+    """
+
+    policy: Literal["None", "Basic256Sha256"] = "None"
+    mode: Literal["Sign", "SignAndEncrypt"] | None = Field(default=None, validate_default=True)
+    certificate: ConfigPath | None = Field(default=None, validate_default=True)
+    #: the private key's passphrase, when its file is encrypted (before the key: it is needed
+    #: to check the key)
+    private_key_password: Secret | None = None
+    private_key: ConfigPath | None = Field(default=None, validate_default=True)
+    server_certificate: ConfigPath | None = Field(default=None, validate_default=True)
+    username: Annotated[str, AfterValidator(_user_name)] | None = None
+    password: Secret | None = Field(default=None, validate_default=True)
+
+    @property
+    def secure(self) -> bool:
+        return self.policy != "None"
+
+    @field_validator(*_SECURE_KEYS)
+    @classmethod
+    def _with_policy(cls, value: Any, info: ValidationInfo) -> Any:
+        policy = info.data.get("policy")
+        if policy is None:
+            return value  # the policy's own error is reported
+        if policy == "None" and value is not None:
+            raise ValueError(
+                f'only with a secure policy: policy is "None" (set policy = "Basic256Sha256", '
+                f"or remove {info.field_name})"
+            )
+        if policy != "None" and value is None:
+            raise ValueError(f"required with policy {policy!r}")
+        return value
+
+    @field_validator("certificate")
+    @classmethod
+    def _agent_certificate(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            certificate = certs.read_certificate(value)
+            certs.check_key_size(certs.rsa_public_key(certificate))
+            if certs.application_uri(certificate) is None:
+                raise ValueError(
+                    f"{str(value)!r} has no ApplicationUri (a URI subjectAltName): OPC UA "
+                    "servers refuse such a client; `edge-agent certs` creates a certificate "
+                    "with one"
+                )
+        return value
+
+    @field_validator("private_key")
+    @classmethod
+    def _agent_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        secret = info.data.get("private_key_password")
+        key = certs.read_private_key(value, secret.reveal_bytes() if secret else None)
+        certificate_path = info.data.get("certificate")
+        if certificate_path is not None:  # else the certificate's own error is reported
+            certificate = certs.read_certificate(certificate_path)
+            if not certs.key_matches(certificate, key):
+                raise ValueError(
+                    f"{str(value)!r} is not the private key of the certificate "
+                    f"{str(certificate_path)!r} (SHA-1 {certs.thumbprint(certificate)})"
+                )
+        return value
+
+    @field_validator("server_certificate")
+    @classmethod
+    def _pinned_certificate(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            certs.read_certificate(value)
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_with_user(cls, value: Any, info: ValidationInfo) -> Any:
+        if "username" not in info.data:
+            return value  # the user name's own error is reported
+        username = info.data["username"]
+        if value is None and username is not None:
+            raise ValueError(f"required with a username (the password of {username!r})")
+        if value is not None and username is None:
+            raise ValueError("needs a username: the password of which user?")
+        if value is not None and info.data.get("policy") == "None":
+            raise ValueError(
+                'only with a secure policy: with policy "None" the password would cross the '
+                'network in clear (set policy = "Basic256Sha256")'
+            )
+        return value
+
+
 class OpcUaSource(_Section):
     """One OPC UA connection serving one work centre, and its signal map."""
 
@@ -485,6 +596,8 @@ class OpcUaSource(_Section):
     #: the PLC zeroes its good/scrap/flow counters when the order changes: counting for the new
     #: order starts from 0 (false: counting continues from the last value seen)
     counters_reset_on_order_change: bool = True
+    #: no security unless configured (policy "None"); see :class:`OpcUaSecurity`
+    security: OpcUaSecurity = OpcUaSecurity()
     signals: Signals
 
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import struct
@@ -81,14 +82,18 @@ from asyncua.common.subscription import (
     StatusChangeEvent,
     Subscription,
 )
+from asyncua.crypto import security_policies
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.ua_binary import struct_from_binary
-from asyncua.ua.uaerrors import UaError
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from edge_agent import certs
+from edge_agent.config import OpcUaSecurity, Signals
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
-from edge_agent.config import Signals
-from edge_agent.errors import SignalError
+from edge_agent.errors import EdgeAgentError, SignalError
 from edge_agent.sources import (
     REFRESH_S,
     SIGNAL_ORDER,
@@ -245,6 +250,220 @@ def in_source_order(events: Iterable[SignalEvent]) -> list[SignalEvent]:
     )
 
 
+# ----------------------------------------------------------------------------------- security
+
+_MODES: Final = {
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+_POLICY_URIS: Final = {
+    "None": security_policies.SecurityPolicyNone.URI,
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256.URI,
+}
+_MODE_NAMES: Final = {
+    ua.MessageSecurityMode.None_: "None",
+    ua.MessageSecurityMode.Sign: "Sign",
+    ua.MessageSecurityMode.SignAndEncrypt: "SignAndEncrypt",
+}
+#: status codes by which a server refuses the user (the identity token)
+_USER_REFUSALS: Final = frozenset(
+    {"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"}
+)
+#: status codes by which a server refuses the agent's application certificate or channel
+_CERTIFICATE_REFUSALS: Final = frozenset(
+    {"BadSecurityChecksFailed", "BadSecurityPolicyRejected", "BadNoValidCertificates"}
+)
+
+
+class SecurityRefused(EdgeAgentError):
+    """No connection: it would not be as secure as configured, or the PLC refused the agent.
+
+    ``reason`` is a stable name (``endpoint_not_offered``, ``server_certificate_mismatch``,
+    ``user_token_not_offered``, ``password_in_clear``, ``certificate_rejected``,
+    ``user_rejected``, ``security_files_unreadable``); ``details`` is what a person compares to
+    fix it (thumbprints, the endpoints offered), never a secret.
+    """
+
+    def __init__(self, reason: str, message: str, **details: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.details = details
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityMaterial:
+    """The agent's certificate and key and the pinned PLC certificate, as DER bytes (read at
+    every connection attempt: files replaced on disk are used from the next one)."""
+
+    certificate: bytes
+    private_key: bytes
+    server_certificate: bytes
+    application_uri: str
+
+    @classmethod
+    def load(cls, security: OpcUaSecurity) -> SecurityMaterial:
+        assert security.certificate is not None
+        assert security.private_key is not None
+        assert security.server_certificate is not None
+        try:
+            certificate = certs.read_certificate(security.certificate)
+            password = security.private_key_password
+            key = certs.read_private_key(
+                security.private_key, password.reveal_bytes() if password else None
+            )
+            pinned = certs.read_certificate(security.server_certificate)
+        except ValueError as exc:
+            raise SecurityRefused("security_files_unreadable", str(exc)) from None
+        uri = certs.application_uri(certificate)
+        if uri is None or not certs.key_matches(certificate, key):
+            raise SecurityRefused(
+                "security_files_unreadable",
+                f"{str(security.certificate)!r} and {str(security.private_key)!r} are no "
+                "longer a certificate with an ApplicationUri and its key",
+            )
+        key_der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cls(certs.der(certificate), key_der, certs.der(pinned), uri)
+
+
+def _endpoint_name(endpoint: ua.EndpointDescription) -> str:
+    policy = (endpoint.SecurityPolicyUri or "").rpartition("#")[2] or "?"
+    return f"{policy}/{_MODE_NAMES.get(endpoint.SecurityMode, str(endpoint.SecurityMode))}"
+
+
+def check_endpoints(
+    endpoints: Iterable[ua.EndpointDescription],
+    security: OpcUaSecurity,
+    material: SecurityMaterial | None,
+) -> ua.EndpointDescription:
+    """The endpoint with exactly the configured policy and mode, presenting the pinned
+    certificate and accepting the configured kind of user; :class:`SecurityRefused` otherwise.
+    Never another endpoint: no fallback to less security, nor to more."""
+    offered = [e for e in endpoints if (e.EndpointUrl or "").startswith(ua.OPC_TCP_SCHEME)]
+    mode = _MODES[security.mode] if security.mode else ua.MessageSecurityMode.None_
+    wanted = f"{security.policy}/{_MODE_NAMES[mode]}"
+    matching = [
+        e
+        for e in offered
+        if e.SecurityPolicyUri == _POLICY_URIS[security.policy] and e.SecurityMode == mode
+    ]
+    if not matching:
+        names = ", ".join(dict.fromkeys(_endpoint_name(e) for e in offered)) or "nothing"
+        raise SecurityRefused(
+            "endpoint_not_offered",
+            f"the PLC does not offer {wanted} (it offers: {names}); the agent connects with "
+            "the configured security only",
+            wanted=wanted,
+            offered=names,
+        )
+    endpoint = matching[0]
+    if material is not None:
+        presented = certs.first_certificate(endpoint.ServerCertificate or b"")
+        if presented != material.server_certificate:
+            expected = certs.thumbprint(material.server_certificate)
+            got = certs.thumbprint(presented) if presented else "none"
+            raise SecurityRefused(
+                "server_certificate_mismatch",
+                f"the PLC presents a certificate with SHA-1 thumbprint {got}, not the pinned "
+                f"one ({expected}): another device, or a PLC certificate that was renewed "
+                "(pin the new one only after checking its thumbprint on the PLC)",
+                expected_thumbprint=expected,
+                offered_thumbprint=got,
+            )
+    tokens = {t.TokenType for t in endpoint.UserIdentityTokens or []}
+    token = ua.UserTokenType.UserName if security.username else ua.UserTokenType.Anonymous
+    if token not in tokens:
+        names = ", ".join(sorted(t.name for t in tokens)) or "none"
+        what = "a user name and password" if security.username else "anonymous sessions"
+        raise SecurityRefused(
+            "user_token_not_offered",
+            f"the PLC does not accept {what} on {wanted} (it accepts: {names})",
+            wanted=token.name,
+            offered=names,
+        )
+    return endpoint
+
+
+def _security_name(security: OpcUaSecurity) -> str:
+    return f"{security.policy}/{security.mode}" if security.mode else security.policy
+
+
+def _refusal(
+    exc: UaStatusCodeError, security: OpcUaSecurity, material: SecurityMaterial | None
+) -> SecurityRefused | None:
+    """The PLC's refusal of the session as a :class:`SecurityRefused`, when it is one."""
+    name = status_name(ua.StatusCode(exc.code))
+    if name in _USER_REFUSALS:
+        who = f"the user {security.username!r}" if security.username else "an anonymous session"
+        hint = (
+            "wrong user name or password, or a user the PLC does not know"
+            if security.username
+            else "configure username and password"
+        )
+        return SecurityRefused(
+            "user_rejected", f"the PLC refused {who} ({name}): {hint}", status=name
+        )
+    if name.startswith("BadCertificate") or name in _CERTIFICATE_REFUSALS:
+        if material is None:
+            return SecurityRefused(
+                "certificate_rejected", f"the PLC refused the connection ({name})", status=name
+            )
+        thumb = certs.thumbprint(material.certificate)
+        return SecurityRefused(
+            "certificate_rejected",
+            f"the PLC refused the agent's certificate {str(security.certificate)!r} ({name}): "
+            f"add it to the PLC's trusted certificates (SHA-1 thumbprint {thumb})",
+            status=name,
+            certificate_thumbprint=thumb,
+        )
+    return None
+
+
+class _Client(Client):
+    """asyncua's client, refusing to send a password in clear."""
+
+    async def activate_session(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: x509.Certificate | None = None,
+    ) -> ua.ActivateSessionResult:
+        if password:
+            # the token policy of the endpoint the session was created on (in the server's
+            # signed CreateSession answer): without one of its own, the password travels
+            # as it is, readable unless the channel encrypts
+            policy = self.server_policy(ua.UserTokenType.UserName).SecurityPolicyUri
+            plain = policy in (None, "", security_policies.SecurityPolicyNone.URI)
+            if plain and self.security_policy.Mode != ua.MessageSecurityMode.SignAndEncrypt:
+                raise SecurityRefused(
+                    "password_in_clear",
+                    "the PLC asks for the password unencrypted on a channel that does not "
+                    "encrypt (mode Sign): not sent; use mode SignAndEncrypt",
+                )
+        return await super().activate_session(username, password, certificate)
+
+
+class _NoIdentityTokens(logging.Filter):
+    """Drops asyncua's debug record of each request when it is an ActivateSession: its user
+    identity token holds the password (unencrypted when the channel encrypts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(isinstance(arg, ua.ActivateSessionRequest) for arg in _args(record))
+
+
+def _args(record: logging.LogRecord) -> tuple[object, ...]:
+    args = record.args
+    if isinstance(args, tuple):
+        return args
+    return () if args is None else (args,)
+
+
+logging.getLogger("asyncua.client.ua_client.UASocketProtocol").addFilter(_NoIdentityTokens())
+
+
 @dataclass(frozen=True, slots=True)
 class _Signal:
     name: str
@@ -297,6 +516,7 @@ class OpcUaSource:
     async def _connect_loop(self, push: Callable[[SignalEvent | SourceStatus], None]) -> None:
         endpoint = self.config.endpoint
         reported: bool | None = None  # the connection state last emitted
+        reported_detail = ""  # and why, when it was "not connected"
         attempt = 0
         while True:
             connection = _Connection(self, push)
@@ -304,21 +524,40 @@ class OpcUaSource:
                 reads = await connection.open()
             except Exception as exc:  # whatever failed, try again: never give up
                 await connection.close()
-                if not isinstance(exc, _CONNECTION_ERRORS):
+                refused = isinstance(exc, SecurityRefused)
+                if not refused and not isinstance(exc, _CONNECTION_ERRORS):
                     log.error("opcua_connect_error", source=self.name, exc_info=exc)
-                detail = f"cannot connect to {endpoint}: {_describe(exc)}"
-                if reported is not False:
+                if refused:
+                    detail = f"security refused at {endpoint}: {exc}"
+                else:
+                    detail = f"cannot connect to {endpoint}: {_describe(exc)}"
+                if reported is not False or (refused and detail != reported_detail):
+                    # a security refusal is reported again when its reason changes (the PLC was
+                    # fixed one way and is still refused another)
                     push(SourceStatus(self.name, connected=False, detail=detail, at=_now()))
-                    reported = False
+                    reported, reported_detail = False, detail
                 delay = self._backoff(attempt)
                 attempt += 1
-                log.warning(
-                    "opcua_connect_failed",
-                    source=self.name,
-                    endpoint=endpoint,
-                    error=_describe(exc),
-                    retry_in_s=round(delay, 3),
-                )
+                if isinstance(exc, SecurityRefused):
+                    # an error, not a warning: it is fixed on the PLC or in the configuration,
+                    # never by waiting; the source keeps trying so it connects once it is
+                    log.error(
+                        "opcua_security_refused",
+                        source=self.name,
+                        endpoint=endpoint,
+                        reason=exc.reason,
+                        error=str(exc),
+                        **exc.details,
+                        retry_in_s=round(delay, 3),
+                    )
+                else:
+                    log.warning(
+                        "opcua_connect_failed",
+                        source=self.name,
+                        endpoint=endpoint,
+                        error=_describe(exc),
+                        retry_in_s=round(delay, 3),
+                    )
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
@@ -333,7 +572,12 @@ class OpcUaSource:
             reported = True
             for event in reads:
                 push(event)
-            log.info("opcua_connected", source=self.name, endpoint=endpoint)
+            log.info(
+                "opcua_connected",
+                source=self.name,
+                endpoint=endpoint,
+                security=_security_name(self.config.security),
+            )
             self._connection = connection
             try:
                 reason = await connection.serve()
@@ -341,7 +585,7 @@ class OpcUaSource:
                 self._connection = None
                 await connection.close()
             push(SourceStatus(self.name, connected=False, detail=reason, at=_now()))
-            reported = False
+            reported, reported_detail = False, reason
             delay = self._backoff(0)
             attempt = 1
             log.warning(
@@ -424,13 +668,19 @@ class _Connection:
     async def open(self) -> list[SignalEvent]:
         """Connect, read every node, subscribe; returns the READ events (not yet emitted)."""
         source = self._source
-        client = Client(
+        security = self._config.security
+        material = SecurityMaterial.load(security) if security.secure else None
+        client = _Client(
             self._config.endpoint,
             timeout=source._request_timeout_s,
             watchdog_intervall=source._watchdog_interval_s,
         )
         client.name = client.description = f"edge-agent {source.name}"
-        client.application_uri = f"urn:edge-agent:{source.name}"
+        # a server checks that the ApplicationUri a client sends is the one its certificate
+        # carries: with a certificate, it is the certificate's
+        client.application_uri = (
+            material.application_uri if material else f"urn:edge-agent:{source.name}"
+        )
         # a dropped client's session lingers on the server until it times out; PLCs allow only a
         # few sessions, so keep that short (the client talks every watchdog interval anyway)
         client.session_timeout = 60_000
@@ -439,7 +689,30 @@ class _Connection:
         signals = list(source._signals.values())
         nodes = [client.get_node(sig.node_id) for sig in signals]
         async with asyncio.timeout(source._request_timeout_s * 3):
-            await client.connect()
+            # what the PLC offers, asked as every OPC UA client does (GetEndpoints, over an
+            # unsecured channel that serves discovery only): the configured policy and mode,
+            # and the pinned certificate, or no connection. The secured channel that follows is
+            # opened to the pinned certificate, whatever this answer said.
+            endpoints = await client.connect_and_get_server_endpoints()
+            check_endpoints(endpoints, security, material)
+            if material is not None:
+                await client.set_security(
+                    security_policies.SecurityPolicyBasic256Sha256,
+                    certificate=material.certificate,
+                    private_key=material.private_key,
+                    server_certificate=material.server_certificate,
+                    mode=_MODES[security.mode or "SignAndEncrypt"],
+                )
+            if security.username is not None and security.password is not None:
+                client.set_user(security.username)
+                client.set_password(security.password.reveal())
+            try:
+                await client.connect()
+            except UaStatusCodeError as exc:
+                refused = _refusal(exc, security, material)
+                if refused is None:
+                    raise
+                raise refused from None
         self._session_open = True
         async with asyncio.timeout(source._request_timeout_s):
             await self._read_types(client, signals, nodes)

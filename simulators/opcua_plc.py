@@ -31,7 +31,15 @@ share one config file: ``LinePlc(config, port=...)`` listens on
   totalizer (stamped as the node is) with the counts metered so far, so
   :func:`simulators.feeds.expected_by_lot` can tell which lot the flow belongs to.
 
-Run it on its own: ``python -m simulators.opcua_plc --config config/line.toml`` (``--help``).
+- **Security.** Without ``security`` the PLC offers one endpoint, with no security. With a
+  :class:`PlcSecurity` it is a secured PLC: it offers only Basic256Sha256 endpoints (Sign and/or
+  SignAndEncrypt, no None), presents its own certificate, opens a session only for a client
+  whose application certificate it trusts (the exact certificate, as a PLC's trust list holds
+  it) and only over a secured channel, and with ``users`` accepts only those user names and
+  passwords (no anonymous session). :func:`write_certificate` creates a certificate for it.
+
+Run it on its own: ``python -m simulators.opcua_plc --config config/line.toml`` (``--help``;
+``--certificate``, ``--private-key``, ``--trust`` and ``--user`` secure it).
 """
 
 from __future__ import annotations
@@ -40,24 +48,32 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hmac
+import os
 import socket
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Literal, Protocol, cast
 
 from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.address_space import NodeData
 from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
+from cryptography import x509
 from rich.table import Table
 
+from edge_agent import certs
 from edge_agent.config import Config, CounterSignal
 from edge_agent.config import OpcUaSource as OpcUaSourceConfig
 from edge_agent.sources.opcua import signal_nodes
@@ -127,13 +143,107 @@ class _WorkCentre:
         return self.source.work_centre
 
 
+_MODE_NAMES: Final = {
+    ua.MessageSecurityMode.None_: "None",
+    ua.MessageSecurityMode.Sign: "Sign",
+    ua.MessageSecurityMode.SignAndEncrypt: "SignAndEncrypt",
+}
+SECURE_MODES: Final = {
+    "Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+    "SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+}
+
+
+@dataclass(frozen=True)
+class PlcSecurity:
+    """A secured PLC: its certificate and key, the client certificates it trusts, the modes it
+    offers (Basic256Sha256 only) and its users (user name → password; none: anonymous)."""
+
+    certificate: Path
+    private_key: Path
+    trusted: tuple[Path, ...] = ()
+    modes: tuple[Literal["Sign", "SignAndEncrypt"], ...] = ("Sign", "SignAndEncrypt")
+    users: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.modes:
+            raise ValueError("a secured PLC offers at least one mode")
+
+
+#: the files :func:`write_certificate` writes: the certificate (DER) and its key (PEM)
+CERTIFICATE_NAMES: Final = ("plc-cert.der", "plc-key.pem")
+
+
+def write_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
+    """A new certificate and key for the simulated PLC in ``directory`` (replacing any):
+    ``(certificate, private key)``."""
+    created = certs.create(
+        application_uri=f"urn:{hostname}:edge-agent:sim-plc",
+        common_name="edge-agent line PLC simulator",
+        hostname=hostname,
+    )
+    written = certs.write_pair(directory, created, force=True, names=CERTIFICATE_NAMES)
+    return written.certificate, written.key
+
+
+class _Users(UserManager):
+    """The secured PLC's user manager (asyncua's interface): a session only over a secured
+    channel (asyncua's server would open one over the unsecured discovery channel too), and
+    only for a known user with its password, or anonymous when it knows no users."""
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self._users = dict(users)
+
+    def get_user(
+        self,
+        iserver: Any,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if certificate is None:  # the channel's peer certificate: none means not secured
+            return None
+        if not self._users:
+            return User(role=UserRole.User)
+        known = self._users.get(username or "")
+        if known is None or password is None:
+            return None
+        if not hmac.compare_digest(known.encode(), password.encode()):
+            return None
+        return User(role=UserRole.User, name=username)
+
+
+class _TrustList:
+    """The secured PLC's check of a client's application certificate at CreateSession: valid
+    now, carrying the ApplicationUri the client sends, and trusted (exactly this certificate)."""
+
+    def __init__(self, trusted: Collection[bytes]) -> None:
+        self._trusted = set(trusted)
+        self._basic = CertificateValidator(
+            CertificateValidatorOptions.BASIC_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+        )
+
+    async def __call__(self, certificate: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        await self._basic(certificate, app)
+        if certs.der(certificate) not in self._trusted:
+            raise ServiceError(StatusCodes.BadCertificateUntrusted)
+
+
 class LinePlc:
     """The line's PLCs as one OPC UA server; an async context manager (start … stop)."""
 
-    def __init__(self, config: Config, host: str = "127.0.0.1", port: int = 4840) -> None:
+    def __init__(
+        self,
+        config: Config,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        *,
+        security: PlcSecurity | None = None,
+    ) -> None:
         self.config = config
         self.host = host
         self.port = port
+        self.security = security
         self._server: Server | None = None
         self._last_stamp = datetime.now(UTC) - timedelta(seconds=1)
         self._work_centres: dict[str, _WorkCentre] = {}
@@ -229,15 +339,33 @@ class LinePlc:
                 variable.status = ua.StatusCode()
                 variable.stamp = self._stamp()
                 self._metered_step(variable)
-        server = Server()
+        security = self.security
+        server = Server(user_manager=_Users(security.users) if security else None)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("edge-agent line PLC simulator")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if security is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await self._secure(server, security)
         server.disable_clock()
         await self._build(server)
         await server.start()
         self._server = server
+
+    async def _secure(self, server: Server, security: PlcSecurity) -> None:
+        certificate = certs.read_certificate(security.certificate)
+        await server.load_certificate(certs.der(certificate))
+        await server.load_private_key(security.private_key)
+        uri = certs.application_uri(certificate)
+        if uri is not None:  # a server's ApplicationUri is the one its certificate carries
+            await server.set_application_uri(uri)
+        server.set_security_policy([SECURE_MODES[mode] for mode in security.modes])
+        server.set_identity_tokens(
+            [ua.UserNameIdentityToken] if security.users else [ua.AnonymousIdentityToken]
+        )
+        trusted = [certs.der(certs.read_certificate(path)) for path in security.trusted]
+        server.set_certificate_validator(_TrustList(trusted))
 
     async def _build(self, server: Server) -> None:
         needed = max(v.node_id.NamespaceIndex for v in self._variables.values())
@@ -288,6 +416,21 @@ class LinePlc:
         for transport in transports:
             transport.close()
         return len(transports)
+
+    def sessions(self) -> list[tuple[str, str | None]]:
+        """Every connection with an activated session: its security (``"None/None"``,
+        ``"Basic256Sha256/SignAndEncrypt"``, ...) and the user name it was opened with."""
+        out = []
+        for transport in list(self._server.iserver.asyncio_transports) if self._server else []:
+            processor = getattr(transport.get_protocol(), "processor", None)
+            session = getattr(processor, "session", None)
+            if session is None or not session.is_activated():
+                continue
+            policy = processor._connection.security_policy  # type: ignore[union-attr]
+            name = policy.URI.rpartition("#")[2]
+            user = session.user.name if session.user is not None else None
+            out.append((f"{name}/{_MODE_NAMES[policy.Mode]}", user))
+        return out
 
     def hang_connections(self) -> int:
         """Stop answering on every open connection, without closing it (a hung CPU or a
@@ -764,7 +907,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--scrap-every", type=int, default=0, help="every N-th unit is scrap")
     parser.add_argument("--flow-per-unit", type=int, default=100, help="totalizer counts per unit")
+    secured = parser.add_argument_group(
+        "security",
+        "with --certificate the PLC offers only Basic256Sha256 endpoints and opens sessions only "
+        "for trusted client certificates",
+    )
+    secured.add_argument(
+        "--new-certificate",
+        type=Path,
+        metavar="DIR",
+        help=f"write a new PLC certificate and key into DIR ({', '.join(CERTIFICATE_NAMES)}), "
+        "print their thumbprints and exit",
+    )
+    secured.add_argument("--certificate", type=Path, help="the PLC's certificate (DER or PEM)")
+    secured.add_argument("--private-key", type=Path, help="the PLC certificate's private key")
+    secured.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CERT",
+        help="a client certificate to trust (e.g. the agent's agent-cert.der); repeatable",
+    )
+    secured.add_argument(
+        "--mode",
+        choices=list(SECURE_MODES),
+        action="append",
+        help="a mode to offer (default both); repeatable",
+    )
+    secured.add_argument(
+        "--user",
+        metavar="NAME",
+        help="accept only this user, with the password in the environment variable "
+        "named by --password-env",
+    )
+    secured.add_argument(
+        "--password-env",
+        default="PLC_PASSWORD",
+        metavar="VAR",
+        help="the environment variable holding --user's password (default PLC_PASSWORD)",
+    )
     return parser
+
+
+def plc_security(args: argparse.Namespace) -> PlcSecurity | None:
+    """The security the command line asks for; ValueError when it does not add up."""
+    if args.certificate is None:
+        if args.private_key or args.trust or args.mode or args.user:
+            raise ValueError("--private-key, --trust, --mode and --user need --certificate")
+        return None
+    if args.private_key is None:
+        raise ValueError("--certificate needs --private-key")
+    for path in (args.certificate, *args.trust):
+        certs.read_certificate(path)  # a clear error now, not at the first connection
+    certs.read_private_key(args.private_key)
+    users = {}
+    if args.user is not None:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise ValueError(
+                f"--user {args.user}: the environment variable {args.password_env} is not set"
+            )
+        users[args.user] = password
+    return PlcSecurity(
+        args.certificate,
+        args.private_key,
+        tuple(args.trust),
+        tuple(args.mode) if args.mode else ("Sign", "SignAndEncrypt"),
+        users,
+    )
 
 
 def _port(text: str) -> int:
@@ -788,8 +999,19 @@ def _positive(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad arguments
+    if args.new_certificate is not None:
+        cert_path, key_path = write_certificate(args.new_certificate)
+        certificate = certs.read_certificate(cert_path)
+        print(f"{cert_path}  SHA-1 {certs.thumbprint(certificate)}")
+        print(f"{key_path}")
+        return 0
     return run_simulator(
-        build_parser(), argv, lambda c, h, p: LinePlc(c, host=h, port=p), "asyncua"
+        parser,
+        argv,
+        lambda c, h, p: LinePlc(c, host=h, port=p, security=plc_security(args)),
+        "asyncua",
     )
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run``, ``demo``, ``validate``, ``status`` and ``calc``.
+"""Command line: ``edge-agent run``, ``demo``, ``validate``, ``status``, ``calc``, ``certs``, ...
 
 Exit codes: 0 success, 2 bad arguments, configuration or master data (with a message naming the
 field and the value), 3 a store the agent cannot trust (damaged, newer schema), 4 a stop that did
@@ -8,7 +8,9 @@ not finish within 20 s of SIGTERM, 1 anything else that stops the agent.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from edge_agent import __version__
+from edge_agent import __version__, certs
 from edge_agent.agent import serve
 from edge_agent.calc import parse_confirmation, run_calc
 from edge_agent.config import load_config
@@ -165,6 +167,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schemas.add_argument("directory", type=Path, metavar="DIR")
 
+    certificates = sub.add_parser(
+        "certs",
+        help="create the agent's OPC UA application certificate and private key",
+        description=(
+            "Create the agent's OPC UA application instance certificate (self-signed, RSA, "
+            "SHA-256, ApplicationUri urn:HOSTNAME:edge-agent:AGENT-ID) and its private key in "
+            f"DIR: {certs.CERTIFICATE_FILE} (DER, for the PLC to trust) and {certs.KEY_FILE} "
+            "(mode 0600). Prints their thumbprints and the next steps (docs/security.md). "
+            "Refuses to replace existing files without --force; exit 2 on bad arguments."
+        ),
+    )
+    certificates.add_argument("--out", type=Path, required=True, metavar="DIR")
+    certificates.add_argument(
+        "--agent-id", required=True, metavar="ID", help="the [agent] id of the configuration"
+    )
+    certificates.add_argument(
+        "--hostname",
+        default=socket.gethostname(),
+        help="this machine's host name, as the PLC reaches it (default: %(default)s)",
+    )
+    certificates.add_argument(
+        "--ip",
+        type=_ip_address,
+        action="append",
+        default=[],
+        help="an IP address of this machine to name in the certificate; repeatable",
+    )
+    certificates.add_argument(
+        "--days",
+        type=int,
+        default=certs.DEFAULT_DAYS,
+        help=f"validity in days, 1 to {certs.MAX_DAYS} (default %(default)s)",
+    )
+    certificates.add_argument(
+        "--key-size", type=int, choices=certs.KEY_SIZES, default=2048, help="RSA key bits"
+    )
+    certificates.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing certificate and key (the PLC must then trust the new one)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="run a scripted shift on the example line, end to end, and reconcile it",
@@ -210,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": _audit,
         "genealogy": _genealogy,
         "schemas": _schemas,
+        "certs": _certs,
     }
     try:
         return commands[args.command](args, out)
@@ -248,6 +293,32 @@ def _host_port(text: str) -> tuple[str, int]:
             f"expected HOST:PORT such as 127.0.0.1:1883 (got {text!r})"
         )
     return host, int(port)
+
+
+def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
+def _certs(args: argparse.Namespace, out: Console) -> int:
+    try:
+        certs.run_certs(
+            out,
+            args.out,
+            args.agent_id,
+            args.hostname,
+            tuple(args.ip),
+            args.days,
+            args.key_size,
+            args.force,
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"cannot write into {str(args.out)!r}: {exc.strerror}") from None
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace, out: Console) -> int:

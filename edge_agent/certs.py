@@ -342,7 +342,7 @@ def run_certs(
     certificate = created.certificate
     table = Table(title="OPC UA application certificate of the agent", show_header=False)
     table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")  # a thumbprint is compared whole, never cut short
+    table.add_column(overflow="fold")
     table.add_row("certificate", f"{written.certificate} (DER: give this file to the PLC)")
     table.add_row("private key", f"{written.key} (mode 0600: never leaves this machine)")
     table.add_row("ApplicationUri", created.application_uri)
@@ -352,9 +352,10 @@ def run_certs(
     table.add_row("key", f"RSA {key_size} bits, signed with SHA-256")
     before, after = validity(certificate)
     table.add_row("valid", f"{before:%Y-%m-%d} to {after:%Y-%m-%d} ({days} days)")
-    table.add_row("SHA-1 thumbprint", thumbprint(certificate, "sha1"))
-    table.add_row("SHA-256 thumbprint", thumbprint(certificate, "sha256"))
     out.print(table)
+    # below the table, each on one line: a thumbprint is compared whole, never wrapped
+    out.print(f"SHA-1 thumbprint    {thumbprint(certificate, 'sha1')}", markup=False)
+    out.print(f"SHA-256 thumbprint  {thumbprint(certificate, 'sha256')}", markup=False)
     out.print(
         "Next:\n"
         f"  1. Add {written.certificate.name} to the PLC's trusted client certificates (its OPC "
@@ -367,8 +368,8 @@ def run_certs(
         "       [sources.security]\n"
         '       policy = "Basic256Sha256"\n'
         '       mode = "SignAndEncrypt"\n'
-        f'       certificate = "{written.certificate}"\n'
-        f'       private_key = "{written.key}"\n'
+        f'       certificate = "{written.certificate.resolve()}"\n'
+        f'       private_key = "{written.key.resolve()}"\n'
         '       server_certificate = "plc-cert.der"   # step 2\n'
         '       # username = "..." and password = { file = "..." } if the PLC asks for a user\n\n'
         "  4. edge-agent validate CONFIG.toml",

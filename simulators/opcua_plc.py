@@ -174,9 +174,10 @@ class PlcSecurity:
 CERTIFICATE_NAMES: Final = ("plc-cert.der", "plc-key.pem")
 
 
-def write_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
+def write_certificate(directory: Path, hostname: str | None = None) -> tuple[Path, Path]:
     """A new certificate and key for the simulated PLC in ``directory`` (replacing any):
-    ``(certificate, private key)``."""
+    ``(certificate, private key)``; ``hostname`` defaults to this machine's."""
+    hostname = hostname or socket.gethostname()
     created = certs.create(
         application_uri=f"urn:{hostname}:edge-agent:sim-plc",
         common_name="edge-agent line PLC simulator",

@@ -101,6 +101,7 @@ def test_certs_never_replaces_a_key_unless_forced(
     ("args", "message"),
     [
         (["--days", "0"], "--days: 1 to 7300"),
+        (["--days", "7301"], "--days: 1 to 7300"),
         (["--days", "x"], "invalid int value"),
         (["--key-size", "1024"], "invalid choice"),
         (["--agent-id", "line 1"], "--agent-id: letters, digits"),

@@ -9,6 +9,17 @@ delta, a handshake edge, a weighing) is decided by the engine.
   ``complete_request`` last. Only then are the monitored items created, so every notification
   that follows is at least as new as the READ it follows (the initial notification of each item
   repeats the value read, or a newer one; the engine treats a repeat as a duplicate).
+- **Security** (``[sources.security]``, docs/security.md). Before every session the client asks
+  the PLC's endpoints (GetEndpoints over the unsecured discovery channel, as every OPC UA client
+  does) and takes exactly the configured policy and mode, or none: no fallback to less security
+  nor to more. With Basic256Sha256 the endpoint must present exactly the pinned certificate, and
+  the secured channel is then opened to the pinned certificate (not to what discovery said), with
+  the agent's application certificate, whose ApplicationUri the client sends. A password is sent
+  encrypted (by the user token policy, or inside a SignAndEncrypt channel), never in clear; and
+  asyncua's DEBUG record of the ActivateSession request, which holds it, is dropped. A refusal,
+  the agent's or the PLC's (untrusted certificate, wrong user), is :class:`SecurityRefused`:
+  logged as ``opcua_security_refused`` with its reason, reported in the source's status, and
+  retried with the backoff like any failed connection. The files are read at every attempt.
 - **Notifications.** One subscription at the configured publishing interval; one monitored item
   per signal node with the configured sampling interval and queue size (more than one, so a burst
   between two publishes is queued, not overwritten). The data changes of one publish response are
@@ -330,7 +341,10 @@ class SecurityMaterial:
 
 
 def _endpoint_name(endpoint: ua.EndpointDescription) -> str:
+    """``Basic256Sha256/SignAndEncrypt``, ``None``: policy and mode as configured."""
     policy = (endpoint.SecurityPolicyUri or "").rpartition("#")[2] or "?"
+    if endpoint.SecurityMode is ua.MessageSecurityMode.None_ and policy == "None":
+        return "None"
     return f"{policy}/{_MODE_NAMES.get(endpoint.SecurityMode, str(endpoint.SecurityMode))}"
 
 
@@ -344,7 +358,7 @@ def check_endpoints(
     Never another endpoint: no fallback to less security, nor to more."""
     offered = [e for e in endpoints if (e.EndpointUrl or "").startswith(ua.OPC_TCP_SCHEME)]
     mode = _MODES[security.mode] if security.mode else ua.MessageSecurityMode.None_
-    wanted = f"{security.policy}/{_MODE_NAMES[mode]}"
+    wanted = _security_name(security)
     matching = [
         e
         for e in offered

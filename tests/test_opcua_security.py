@@ -207,6 +207,43 @@ async def test_a_plc_presenting_another_certificate_is_refused_naming_both_thumb
     assert secured_plc.sessions() == []
 
 
+@SHARED
+async def test_re_pinning_the_renewed_plc_certificate_needs_no_restart(
+    secured_plc: LinePlc, pki: Pki, tmp_path: Path
+) -> None:
+    """The files are read at every attempt: the source, refused meanwhile, connects from the
+    first attempt after the right certificate is pinned."""
+    pinned = tmp_path / "mix-plc.der"
+    pinned.write_bytes(pki.other_plc_cert.read_bytes())
+    src = mix_source(secured_plc, tmp_path, secured(pki, server_certificate=str(pinned)))
+    rec = Recorder()
+    with structlog.testing.capture_logs() as logs:
+        async with running(src, rec):
+            await until(lambda: bool(refusals(logs)))
+            assert not rec.events()
+            pinned.write_bytes(pki.plc_cert.read_bytes())
+            await rec.wait_status(True)
+            await rec.wait_for(lambda i: isinstance(i, SignalEvent))
+    assert {e["reason"] for e in refusals(logs)} == {"server_certificate_mismatch"}
+
+
+@SHARED
+async def test_a_password_gone_from_the_environment_is_a_refusal_naming_it(
+    secured_plc: LinePlc, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MIX_PLC_PASSWORD", PASSWORD)
+    security = secured(pki, password={"env": "MIX_PLC_PASSWORD"})
+    src, rec = mix_source(secured_plc, tmp_path, security), Recorder()
+    monkeypatch.delenv("MIX_PLC_PASSWORD")
+    with structlog.testing.capture_logs() as logs:
+        async with running(src, rec):
+            await until(lambda: bool(refusals(logs)))
+    refusal = refusals(logs)[0]
+    assert refusal["reason"] == "security_files_unreadable"
+    assert "environment variable MIX_PLC_PASSWORD is not set" in refusal["error"]
+    assert not [e for e in logs if e["event"] == "opcua_connect_error"]  # not taken for a bug
+
+
 # ------------------------------------------------------------------ no silent fallback
 
 

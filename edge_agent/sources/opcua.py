@@ -718,8 +718,14 @@ class _Connection:
                     mode=_MODES[security.mode or "SignAndEncrypt"],
                 )
             if security.username is not None and security.password is not None:
+                try:
+                    password = security.password.reveal()
+                except ValueError as exc:  # says what is missing, never the value
+                    raise SecurityRefused(
+                        "security_files_unreadable", f"the password: {exc}"
+                    ) from None
                 client.set_user(security.username)
-                client.set_password(security.password.reveal())
+                client.set_password(password)
             try:
                 await client.connect()
             except UaStatusCodeError as exc:

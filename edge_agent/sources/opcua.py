@@ -552,7 +552,7 @@ class OpcUaSource:
                     reported, reported_detail = False, detail
                 delay = self._backoff(attempt)
                 attempt += 1
-                if isinstance(exc, SecurityRefused):
+                if isinstance(exc, SecurityRefused):  # (refused, narrowed for the type checker)
                     # an error, not a warning: it is fixed on the PLC or in the configuration,
                     # never by waiting; the source keeps trying so it connects once it is
                     log.error(
@@ -710,12 +710,13 @@ class _Connection:
             endpoints = await client.connect_and_get_server_endpoints()
             check_endpoints(endpoints, security, material)
             if material is not None:
+                assert security.mode is not None  # required with a secure policy (config)
                 await client.set_security(
                     security_policies.SecurityPolicyBasic256Sha256,
                     certificate=material.certificate,
                     private_key=material.private_key,
                     server_certificate=material.server_certificate,
-                    mode=_MODES[security.mode or "SignAndEncrypt"],
+                    mode=_MODES[security.mode],
                 )
             if security.username is not None and security.password is not None:
                 try:

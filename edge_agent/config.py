@@ -472,8 +472,6 @@ class Subscription(_Section):
     deadband: DecimalStr | None = Field(default=None, ge=0)
 
 
-#: the OPC UA security policies the agent speaks, by the name the specification gives them
-SECURITY_POLICIES: Final = ("None", "Basic256Sha256")
 _SECURE_KEYS: Final = ("mode", "certificate", "private_key", "server_certificate")
 
 

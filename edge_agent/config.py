@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Sequence
 from decimal import Decimal
@@ -196,9 +197,145 @@ class StoreSection(_Section):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
+class MqttTls(_Section):
+    """TLS to the broker (``[mqtt.tls]``): the broker's certificate must chain to ``ca_file`` and
+    name ``mqtt.host``; there is no switch that turns either check off.
+
+    ``cert_file`` and ``key_file`` (both or neither): the agent's client certificate, for a broker
+    that requires one (mosquitto ``require_certificate true``); ``key_password``: a
+    :data:`Secret` for an encrypted key. Every file is loaded at validation, so a wrong path, a
+    file that is not PEM, an encrypted key without its password or a certificate and key that do
+    not belong together stop ``edge-agent validate``, not the first connection on the line.
+    """
+
+    ca_file: ConfigPath
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
+    key_password: Secret | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, value: Path) -> Path:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=value)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(_pem_problem(value, exc, "a PEM CA certificate")) from None
+        return value
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:  # a certificate (and its chain) loads as a trust anchor too
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(_pem_problem(value, exc, "a PEM certificate")) from None
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and b"PRIVATE KEY-----" not in _read(value):
+            raise ValueError(f"{str(value)!r} holds no PEM private key")
+        return value
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "cert_file and key_file go together: the client certificate and its key"
+            )
+        if self.key_password is not None and self.key_file is None:
+            raise ValueError("key_password is the password of key_file: give key_file")
+        if self.key_file is not None and self.key_password is None and _encrypted(self.key_file):
+            raise ValueError(f"key_file {str(self.key_file)!r} is encrypted: give key_password")
+        self.ssl_context()  # the pair loads together (raises ValueError naming the keys)
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context: TLS 1.2 or later, the server certificate verified against
+        ``ca_file`` and its name checked against the host connected to; the client certificate
+        loaded when given. ValueError names the key that is wrong, never a secret."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # the defaults of a SERVER_AUTH context, said here so no one loosens them unseen
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = True
+        if self.cert_file is not None and self.key_file is not None:
+            password = self.key_password
+            try:
+                # a callable: OpenSSL asks for a password only for an encrypted key, and never
+                # on a terminal (a daemon would hang there)
+                context.load_cert_chain(
+                    self.cert_file,
+                    self.key_file,
+                    password=lambda: password.reveal_bytes() if password is not None else b"",
+                )
+            except ssl.SSLError as exc:
+                if exc.reason == "KEY_VALUES_MISMATCH":
+                    raise ValueError(
+                        f"key_file {str(self.key_file)!r} is not the key of cert_file "
+                        f"{str(self.cert_file)!r}"
+                    ) from None
+                if _encrypted(self.key_file):
+                    raise ValueError(
+                        f"key_file {str(self.key_file)!r}: cannot decrypt it with key_password"
+                    ) from None
+                raise ValueError(
+                    f"cert_file/key_file: cannot load them ({_ssl_reason(exc)})"
+                ) from None
+            except OSError as exc:
+                raise ValueError(f"cert_file/key_file: cannot read: {exc.strerror}") from None
+        return context
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+def _encrypted(key_file: Path) -> bool:
+    # PKCS#8 "ENCRYPTED PRIVATE KEY", or a traditional key with "Proc-Type: 4,ENCRYPTED"
+    return b"ENCRYPTED" in _read(key_file)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return openssl_message(str(exc.args[1]) if len(exc.args) > 1 else str(exc))
+
+
+def openssl_message(text: str) -> str:
+    """An OpenSSL message without its ``[LIB: CODE]`` prefix and ``(_ssl.c:NNN)`` suffix:
+    ``[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)`` → ``wrong version
+    number``."""
+    return re.sub(r"^\[[A-Z0-9_]+(: [A-Z0-9_]+)?\]\s*|\s*\(_ssl\.c:\d+\)$", "", text) or text
+
+
+def _pem_problem(path: Path, exc: OSError | ssl.SSLError, what: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"{str(path)!r} is not {what} ({_ssl_reason(exc)})"
+    return f"cannot read {str(path)!r}: {exc.strerror}"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MqttSection(_Section):
     host: str = "127.0.0.1"
+    #: default 1883, or 8883 with ``[mqtt.tls]``
     port: int = Field(default=1883, ge=1, le=65535)
+    #: TLS to the broker; without it the connection is plain TCP
+    tls: MqttTls | None = None
+    #: the broker account; ``password`` (a :data:`Secret`) needs it
+    username: Annotated[str, Field(min_length=1, pattern=r"^[^\x00-\x1f:]+$")] | None = None
+    password: Secret | None = None
     client_id: Name | None = None  # default: the agent id
     protocol: Literal["5", "3.1.1"] = "5"
     qos: Literal[1] = 1
@@ -221,10 +358,28 @@ class MqttSection(_Section):
     #: a command over this size is rejected unread
     max_command_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tls") is not None and "port" not in data:
+            return {**data, "port": 8883}  # MQTT over TLS (IANA)
+        return data
+
     @model_validator(mode="after")
     def _backoff(self) -> Self:
         if self.reconnect_max_ms < self.reconnect_min_ms:
             raise ValueError("reconnect_max_ms must not be less than reconnect_min_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs username: the broker account it is the password of")
+        if self.password is not None and self.tls is None and not _loopback(self.host):
+            raise ValueError(
+                f"password: it would cross the network to {self.host} in clear text: configure "
+                "[mqtt.tls] (a broker on this machine, 127.0.0.1 or localhost, may go without)"
+            )
         return self
 
 

@@ -23,6 +23,15 @@
   published again (same id: the MES deduplicates). Published-but-unacknowledged rows count
   against the in-flight window.
 
+Security (docs/security.md): with ``[mqtt.tls]`` the connection is TLS only, the broker's
+certificate verified against the configured CA and its name against ``mqtt.host`` (no switch
+turns that off); a client certificate when configured; ``username``/``password`` with the
+password read from its file or environment variable at every connection attempt (a rotated
+password is picked up without a restart) and never logged. A connection that fails says why:
+``mqtt_connect_failed`` carries the TCP or TLS reason (``certificate verify failed: unable to get
+local issuer certificate``), ``mqtt_connect_refused`` the broker's CONNACK reason (``Not
+authorized``); each once, then every 10th attempt or when the reason changes.
+
 paho runs its network loop on its own thread; callbacks hop onto the asyncio loop with
 ``call_soon_threadsafe``, so every piece of uplink state is touched by the event loop only.
 PUBACKs hop in batches (one wake-up of the loop for all that came meanwhile), rows are read ahead
@@ -35,6 +44,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -45,7 +57,7 @@ from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -53,9 +65,9 @@ from pydantic import ValidationError
 
 from edge_agent import __version__
 from edge_agent.commands import MesAck, Signing, signature_problem
-from edge_agent.config import Config
+from edge_agent.config import Config, MqttSection, openssl_message
 from edge_agent.crashpoints import crash_point
-from edge_agent.errors import EdgeAgentError, InputError, StoreError
+from edge_agent.errors import ConfigError, EdgeAgentError, InputError, StoreError
 from edge_agent.messages import StatusMessage
 from edge_agent.metrics import LatencyHistogram
 
@@ -67,6 +79,17 @@ ACK_GROUP_S = 0.005  # acknowledged rows wait this long for more to delete in th
 
 class UplinkError(EdgeAgentError):
     """The uplink cannot do its job (e.g. the broker refuses a publish)."""
+
+
+class ConnectProblem(Exception):
+    """Why a connection attempt failed, as the log tells it (never a secret)."""
+
+    def __init__(self, reason: str, *, security: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: a TLS, certificate or credentials problem: a person has to act (logged as an error);
+        #: otherwise the broker is unreachable (a warning: it may come back by itself)
+        self.security = security
 
 
 class OutboxRow(Protocol):
@@ -145,15 +168,20 @@ class MqttUplink:
         self._v5 = config.mqtt.protocol == "5"
         self._status_wake = asyncio.Event()
         self._ack_failing = False
+        self.last_connect_problem: str | None = None  # the reason last logged
+        self._refused = False  # the CONNACK of this attempt said no (already reported)
+        self._closing = False
         if self._v5:
-            self._client = mqtt.Client(
+            self._client = _Client(
+                config.mqtt,
                 CallbackAPIVersion.VERSION2,
                 client_id=config.client_id,
                 protocol=mqtt.MQTTv5,
                 manual_ack=True,
             )
         else:
-            self._client = mqtt.Client(
+            self._client = _Client(
+                config.mqtt,
                 CallbackAPIVersion.VERSION2,
                 client_id=config.client_id,
                 protocol=mqtt.MQTTv311,
@@ -192,6 +220,7 @@ class MqttUplink:
 
     async def __aexit__(self, *exc: object) -> None:
         """Publish the offline status, then disconnect cleanly (no last will)."""
+        self._closing = True
         if self._connected.is_set():
             payload = await self._full_status("offline")
             info = self._client.publish(self.status_topic, payload, 1, True)
@@ -389,13 +418,14 @@ class MqttUplink:
         self._call(self._connected_now, rc, bool(flags.session_present))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._call(self._connect_failed)
+        problem = self._client.problem or ConnectProblem("no reason given", security=False)
+        self._call(self._connect_failed, problem)
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         self._seal_pubacks()
-        self._call(self._disconnected_now, rc)
+        self._call(self._disconnected_now, rc, self._client.socket_error)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
@@ -436,10 +466,17 @@ class MqttUplink:
 
     def _connected_now(self, rc: ReasonCode, session_present: bool) -> None:
         if rc.is_failure:
-            log.warning("mqtt_connect_refused", reason=str(rc))
+            self._refused = True  # the broker closes the connection next: not news
+            self._report(
+                "mqtt_connect_refused",
+                ConnectProblem(str(rc), security=True),
+                code=hex(rc.value),
+                **({"hint": _CONNACK_HINTS[rc.value]} if rc.value in _CONNACK_HINTS else {}),
+            )
             return
         self._epoch += 1
         self.connect_failures = 0
+        self.last_connect_problem = None
         self._inflight.clear()
         self._awaiting.clear()  # published again from the head in this session
         if not session_present:  # a kept session keeps its subscription (and its queue)
@@ -452,27 +489,49 @@ class MqttUplink:
             "mqtt_connected",
             host=self._config.mqtt.host,
             port=self._config.mqtt.port,
+            tls=self._config.mqtt.tls is not None,
             session_present=session_present,
         )
 
-    def _connect_failed(self) -> None:
-        self.connect_failures += 1
-        # once, then every 10th attempt: a broker down for an hour is one fact, not thousands
-        if self.connect_failures == 1 or self.connect_failures % 10 == 0:
-            m = self._config.mqtt
-            log.warning(
-                "mqtt_connect_failed", host=m.host, port=m.port, attempts=self.connect_failures
-            )
+    def _connect_failed(self, problem: ConnectProblem) -> None:
+        if not self._closing:
+            self._report("mqtt_connect_failed", problem)
 
-    def _disconnected_now(self, rc: ReasonCode) -> None:
-        if self._connected.is_set():
+    def _report(self, event: str, problem: ConnectProblem, **fields: Any) -> None:
+        """A failed attempt: logged once, then every 10th attempt, and whenever the reason
+        changes (a broker down for an hour is one fact, not thousands; a broker that comes
+        back but refuses the password is a new one)."""
+        self.connect_failures += 1
+        n = self.connect_failures
+        if n == 1 or n % 10 == 0 or problem.reason != self.last_connect_problem:
+            m = self._config.mqtt
+            level = log.error if problem.security else log.warning
+            level(event, host=m.host, port=m.port, reason=problem.reason, attempts=n, **fields)
+        self.last_connect_problem = problem.reason
+
+    def _disconnected_now(self, rc: ReasonCode, socket_error: str | None) -> None:
+        was_connected = self._connected.is_set()
+        if was_connected:
             self.reconnects += 1
         self._connected.clear()
         self._epoch += 1
         self._inflight.clear()  # not acknowledged: they stay in the outbox and go again
         self._awaiting.clear()
         self._window_free.set()
-        log.warning("mqtt_disconnected", reason=str(rc))
+        if was_connected:
+            log.warning("mqtt_disconnected", reason=str(rc), **_error_field(socket_error))
+        elif self._refused:
+            self._refused = False  # the end of a refused attempt, reported with its reason
+        elif not self._closing:
+            # the broker hung up before its CONNACK: a TLS listener spoken to in plain TCP, a
+            # client certificate it refused (TLS 1.3 says so only now), too many connections
+            why = f": {socket_error}" if socket_error else ""
+            self._report(
+                "mqtt_connect_failed",
+                ConnectProblem(
+                    f"the broker closed the connection before its CONNACK{why}", security=True
+                ),
+            )
 
     def _pubacks(self, batch: list[tuple[int, ReasonCode]]) -> None:
         with self._puback_lock:
@@ -532,6 +591,100 @@ class MqttUplink:
             **(figures or {}),
         )
         return message.model_dump_json(by_alias=True).encode()
+
+
+#: what an operator checks when the broker refuses the connection (MQTT 5 reason codes; paho
+#: maps the 3.1.1 CONNACK return codes 4 and 5 to 0x86 and 0x87)
+_CONNACK_HINTS = {
+    0x86: "check mqtt.username and mqtt.password against the broker's password file",
+    0x87: "check mqtt.username and mqtt.password, and the broker's ACL for this account "
+    "(mosquitto answers a wrong password with Not authorized too)",
+}
+
+
+class _Client(mqtt.Client):
+    """paho's client, keeping why a connection failed: paho catches the OSError of an attempt
+    (refused, timed out, a TLS handshake or a certificate that does not verify) and tells
+    ``on_connect_fail`` nothing of it; a socket error on an open connection it tells only its
+    logger. Each attempt also reads the password again (a rotated one needs no restart)."""
+
+    def __init__(self, mqtt_config: MqttSection, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mqtt = mqtt_config
+        self.problem: ConnectProblem | None = None  # why the last attempt failed
+        self.socket_error: str | None = None  # paho's last socket error on this connection
+        tap = logging.Logger("edge_agent.uplink.paho", logging.ERROR)  # not in the hierarchy
+        tap.addHandler(_SocketErrorTap(self))
+        self.enable_logger(tap)
+        if mqtt_config.tls is not None:
+            try:
+                self.tls_set_context(mqtt_config.tls.ssl_context())
+            except ValueError as exc:
+                raise ConfigError([f"mqtt.tls: {exc}"]) from None
+        self._set_credentials()
+
+    def _set_credentials(self) -> None:
+        m = self._mqtt
+        if m.username is None:
+            return
+        try:
+            password = m.password.reveal() if m.password is not None else None
+        except ValueError as exc:  # names the file or variable, never the value
+            raise ConfigError([f"mqtt.password: {exc}"]) from None
+        self.username_pw_set(m.username, password)
+
+    def reconnect(self) -> MQTTErrorCode:
+        self.problem = None
+        self.socket_error = None
+        try:
+            self._set_credentials()
+        except ConfigError as exc:  # paho retries a failed attempt: this one fails, and says why
+            self.problem = ConnectProblem("; ".join(exc.problems), security=True)
+            raise _CredentialsUnreadable from None
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.problem = _connect_problem(exc)
+            raise
+
+
+class _CredentialsUnreadable(OSError):
+    """The password file or variable went away: the attempt fails (paho retries)."""
+
+
+class _SocketErrorTap(logging.Handler):
+    """Keeps the error paho logs when a connection breaks (``failed to receive on socket: ...``)
+    as the reason of the disconnect; paho's other messages are not the agent's log."""
+
+    def __init__(self, client: _Client) -> None:
+        super().__init__(logging.ERROR)
+        self._client = client
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self._client.socket_error = openssl_message(
+            message.removeprefix("failed to receive on socket: ").removeprefix(
+                "timeout on socket: "
+            )
+        )
+
+
+def _connect_problem(exc: OSError) -> ConnectProblem:
+    """The reason a connection attempt failed, in the words of the layer that failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectProblem(
+            f"TLS: the broker's certificate was not accepted: {exc.verify_message}",
+            security=True,
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConnectProblem(f"TLS: {openssl_message(str(exc))}", security=True)
+    if isinstance(exc, socket.gaierror):
+        return ConnectProblem(f"cannot resolve the host name: {exc.strerror}", security=False)
+    return ConnectProblem(exc.strerror or str(exc) or type(exc).__name__, security=False)
+
+
+def _error_field(socket_error: str | None) -> dict[str, str]:
+    return {"error": socket_error} if socket_error else {}
 
 
 def _unsupported_command(kind: str, payload: bytes, ack: Callable[[], None]) -> None:

@@ -4,24 +4,54 @@ The tests' broker fixture and the fault suite use it. Each broker gets its own p
 persistence directory and log under a working directory; the machine's own broker on
 127.0.0.1:1883 is never touched. A broker with a ``bridge`` forwards the agent's topics to a second
 ("plant") broker and the MES's commands back, as a line broker does in a plant topology.
+
+The security tests give a broker a TLS listener (``tls``), accounts (``users``, written to a
+password file with ``mosquitto_passwd``), ``allow_anonymous = False`` and an ACL; or the whole
+configuration (``config_text``), to prove an example configuration starts.
 """
 
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from simulators.broker import free_port
 
-__all__ = ["MOSQUITTO", "Bridge", "Broker", "has_mosquitto"]
+__all__ = ["MOSQUITTO", "MOSQUITTO_PASSWD", "Bridge", "Broker", "BrokerTls", "has_mosquitto"]
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the broker's certificate and key, the CA that client certificates must
+    chain to, and whether a client must present one (``use_identity_as_username``: its
+    certificate's CN is then its user name, for the ACL)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+
+    def config(self) -> str:
+        lines = [
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"require_certificate {str(self.require_certificate).lower()}",
+            f"use_identity_as_username {str(self.use_identity_as_username).lower()}",
+        ]
+        return "".join(f"{line}\n" for line in lines)
 
 
 @dataclass(frozen=True)
@@ -61,6 +91,11 @@ class Broker:
     host: str = "127.0.0.1"
     acl: str | None = None  # mosquitto ACL file content; anonymous rules come first
     bridge: Bridge | None = None  # forward topics to (and from) another broker
+    tls: BrokerTls | None = None  # the listener speaks TLS only
+    users: Mapping[str, str] | None = None  # user name → password: a password file
+    allow_anonymous: bool = True
+    #: the whole mosquitto.conf instead of the options above (a ``user`` line is put first)
+    config_text: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     protocols: ClassVar[tuple[str, ...]] = ("5", "3.1.1")
@@ -69,19 +104,34 @@ class Broker:
     def config_file(self) -> Path:
         return self.workdir / "mosquitto.conf"
 
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
     def _write_config(self) -> None:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        # started as root, mosquitto drops to its own user and cannot read the test's files
+        user = f"user {getpass.getuser()}\n"
+        if self.config_text is not None:
+            self.config_file.write_text(user + self.config_text)
+            return
         self.config_file.write_text(
-            # started as root, mosquitto drops to its own user and cannot read the test's files
-            f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            user + f"listener {self.port} 127.0.0.1\n"
+            f"allow_anonymous {str(self.allow_anonymous).lower()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir / 'data'}/\n"
-            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            f"log_dest file {self.log_file}\n"
             "max_inflight_messages 0\n"
             "max_queued_messages 0\n"
         )
+        if self.tls is not None:
+            with self.config_file.open("a") as f:
+                f.write(self.tls.config())
+        if self.users is not None:
+            password_file = self.workdir / "passwd"
+            write_password_file(password_file, self.users)
+            with self.config_file.open("a") as f:
+                f.write(f"password_file {password_file}\n")
         if self.bridge is not None:
             with self.config_file.open("a") as f:
                 f.write(self.bridge.config())
@@ -136,6 +186,20 @@ class Broker:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def write_password_file(path: Path, users: Mapping[str, str]) -> None:
+    """A mosquitto password file (hashed by ``mosquitto_passwd``) for ``users``."""
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    for name, password in users.items():
+        # -b takes the password as an argument: fine for a test broker, not for a real one
+        subprocess.run(
+            [MOSQUITTO_PASSWD, "-b", str(path), name, password],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
 
 
 def has_mosquitto() -> bool:

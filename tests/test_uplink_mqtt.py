@@ -285,6 +285,7 @@ async def test_an_unreachable_broker_is_logged_once_not_per_attempt(
             "log_level": "warning",
             "host": "127.0.0.1",
             "port": nobody.port,
+            "reason": "Connection refused",
             "attempts": 1,
         }
     ]

@@ -160,6 +160,8 @@ class MqttUplink:
         self._acks_ready = asyncio.Event()
         self._epoch = 0  # bumped on every (re)connect: PUBACKs of an older session are ignored
         self.refusal: Refusal | None = None
+        self._status_pending: set[int] = set()  # mids of status publishes not yet acknowledged
+        self._status_refused = False
         self.published = 0
         self.reconnects = 0
         #: publish → PUBACK (as the event loop takes it), per outbox row (the metrics read it)
@@ -169,7 +171,7 @@ class MqttUplink:
         self._status_wake = asyncio.Event()
         self._ack_failing = False
         self.last_connect_problem: str | None = None  # the reason last logged
-        self._refused = False  # the CONNACK of this attempt said no (already reported)
+        self._connack_refused = False  # the CONNACK of this attempt said no (already reported)
         self._closing = False
         if self._v5:
             self._client = _Client(
@@ -190,10 +192,13 @@ class MqttUplink:
             )
         self._client.max_inflight_messages_set(config.mqtt.inflight_window)
         self._client.max_queued_messages_set(0)
-        # paho reconnects by itself on its network thread, doubling the delay up to the maximum
+        # paho reconnects by itself on its network thread, doubling the delay up to the maximum.
+        # In seconds, as configured (0.5 s by default), not rounded up to whole ones: paho types
+        # them int but only adds and compares them with time.time() (its loop stop waits out the
+        # current delay, so a whole second there was a second on every stop while refused)
         self._client.reconnect_delay_set(
-            max(1, config.mqtt.reconnect_min_ms // 1000),
-            max(1, config.mqtt.reconnect_max_ms // 1000),
+            config.mqtt.reconnect_min_ms / 1000,  # type: ignore[arg-type]  # see above
+            config.mqtt.reconnect_max_ms / 1000,  # type: ignore[arg-type]
         )
         self._client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
         self._client.on_connect = self._on_connect
@@ -263,7 +268,7 @@ class MqttUplink:
             self._status_wake.clear()
             payload = await self._full_status("online")
             if self._connected.is_set():
-                self._client.publish(self.status_topic, payload, qos=1, retain=True)
+                self._publish_status(payload)
             await _wait_any(self._status_wake, self._config.mqtt.status_interval_s)
 
     async def _full_status(self, state: Literal["online", "offline"]) -> bytes:
@@ -346,7 +351,10 @@ class MqttUplink:
         """A refused row blocks the queue (order is kept) until a retry succeeds.
 
         While it waits, acknowledgements of the rows published before it still arrive and are
-        flushed; a reconnect ends the wait early (the new session starts again from the head).
+        flushed. A reconnect does not end the wait (a new connection does not change the
+        broker's rules; mosquitto 2.0 even closes the connection after a refusal,
+        eclipse-mosquitto/mosquitto#2579): the next retry is ``retry_refused_s`` after the
+        latest connect, from the outbox head.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_refused_s
@@ -466,7 +474,7 @@ class MqttUplink:
 
     def _connected_now(self, rc: ReasonCode, session_present: bool) -> None:
         if rc.is_failure:
-            self._refused = True  # the broker closes the connection next: not news
+            self._connack_refused = True  # the broker closes the connection next: not news
             self._report(
                 "mqtt_connect_refused",
                 ConnectProblem(str(rc), security=True),
@@ -481,7 +489,7 @@ class MqttUplink:
         self._awaiting.clear()  # published again from the head in this session
         if not session_present:  # a kept session keeps its subscription (and its queue)
             self._client.subscribe(self.command_topics, qos=1)
-        self._client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        self._publish_status(self._status("online"))
         self._connected.set()
         self._wake.set()
         self._status_wake.set()
@@ -492,6 +500,11 @@ class MqttUplink:
             tls=self._config.mqtt.tls is not None,
             session_present=session_present,
         )
+
+    def _publish_status(self, payload: bytes) -> None:
+        info = self._client.publish(self.status_topic, payload, qos=1, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._status_pending.add(info.mid)
 
     def _connect_failed(self, problem: ConnectProblem) -> None:
         if not self._closing:
@@ -513,6 +526,7 @@ class MqttUplink:
         was_connected = self._connected.is_set()
         if was_connected:
             self.reconnects += 1
+        self._status_pending.clear()
         self._connected.clear()
         self._epoch += 1
         self._inflight.clear()  # not acknowledged: they stay in the outbox and go again
@@ -520,8 +534,8 @@ class MqttUplink:
         self._window_free.set()
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(rc), **_error_field(socket_error))
-        elif self._refused:
-            self._refused = False  # the end of a refused attempt, reported with its reason
+        elif self._connack_refused:
+            self._connack_refused = False  # the end of a refused attempt, reported with its reason
         elif not self._closing:
             # the broker hung up before its CONNACK: a TLS listener spoken to in plain TCP, a
             # client certificate it refused (TLS 1.3 says so only now), too many connections
@@ -544,8 +558,11 @@ class MqttUplink:
     def _puback(self, mid: int, rc: ReasonCode, now: float) -> None:
         sent = self._inflight.pop(mid, None)
         self._window_free.set()
-        if sent is None:
-            return  # the status message, or a PUBACK from before a reconnect
+        if sent is None:  # the status message, or a PUBACK from before a reconnect
+            if mid in self._status_pending:
+                self._status_pending.discard(mid)
+                self._status_answered(rc)
+            return
         row, at = sent
         self.publish_latency.observe(now - at)
         code = rc.value
@@ -566,6 +583,15 @@ class MqttUplink:
         else:
             self._acked.append(row.seq)
             self._acks_ready.set()
+
+    def _status_answered(self, rc: ReasonCode) -> None:
+        """A refused status (the broker's ACL does not allow the agent's status topic) is
+        logged once until a status goes through again: the MES sees the agent as offline."""
+        if rc.value >= 0x80 and not self._status_refused:
+            log.error(
+                "mqtt_status_refused", topic=self.status_topic, reason=str(rc), code=hex(rc.value)
+            )
+        self._status_refused = rc.value >= 0x80
 
     def _mes_acked(self, ids: list[str]) -> None:
         for message_id in ids:
@@ -618,9 +644,11 @@ class _Client(mqtt.Client):
         self.enable_logger(tap)
         if mqtt_config.tls is not None:
             try:
-                self.tls_set_context(mqtt_config.tls.ssl_context())
+                context = mqtt_config.tls.ssl_context()
             except ValueError as exc:
                 raise ConfigError([f"mqtt.tls: {exc}"]) from None
+            context.sslsocket_class = _ClosingSSLSocket
+            self.tls_set_context(context)
         self._set_credentials()
 
     def _set_credentials(self) -> None:
@@ -648,6 +676,28 @@ class _Client(mqtt.Client):
             raise
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when its handshake fails: paho drops the socket of a failed attempt
+    unclosed (a file descriptor until the garbage collector finds it, once per retry)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except ssl.SSLError:
+            self.close()
+            raise
+        except OSError as exc:  # the peer hung up on the handshake: say it was that
+            self.close()
+            raise _HandshakeFailed(exc.errno, exc.strerror) from exc
+        except BaseException:
+            self.close()
+            raise
+
+
+class _HandshakeFailed(ConnectionError):
+    """The connection broke during the TLS handshake (not a TLS error: a reset, an EOF)."""
+
+
 class _CredentialsUnreadable(OSError):
     """The password file or variable went away: the attempt fails (paho retries)."""
 
@@ -672,12 +722,18 @@ class _SocketErrorTap(logging.Handler):
 def _connect_problem(exc: OSError) -> ConnectProblem:
     """The reason a connection attempt failed, in the words of the layer that failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        # OpenSSL's words, which an operator can search for
         return ConnectProblem(
-            f"TLS: the broker's certificate was not accepted: {exc.verify_message}",
-            security=True,
+            f"TLS: certificate verify failed: {exc.verify_message}", security=True
         )
     if isinstance(exc, ssl.SSLError):
         return ConnectProblem(f"TLS: {openssl_message(str(exc))}", security=True)
+    if isinstance(exc, _HandshakeFailed):
+        return ConnectProblem(
+            f"TLS: the broker broke off the handshake ({exc.strerror or 'no reason'}): is the "
+            "port a TLS listener?",
+            security=True,
+        )
     if isinstance(exc, socket.gaierror):
         return ConnectProblem(f"cannot resolve the host name: {exc.strerror}", security=False)
     return ConnectProblem(exc.strerror or str(exc) or type(exc).__name__, security=False)

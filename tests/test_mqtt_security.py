@@ -851,7 +851,8 @@ async def test_the_example_broker_configuration_serves_the_agent_and_the_mes(
     password_file: Path,
 ) -> None:
     """config/mosquitto-tls.conf with config/mosquitto.acl, paths and port replaced: a real
-    mosquitto starts with it, and an agent configured as docs/security.md says delivers."""
+    mosquitto starts with it, refuses an agent without a client certificate or without an
+    account, and delivers for one configured as docs/security.md says."""
     from simulators.mosquitto import write_password_file  # noqa: PLC0415 (used here only)
     from tests.support.broker import free_port  # noqa: PLC0415
 
@@ -880,12 +881,17 @@ async def test_the_example_broker_configuration_serves_the_agent_and_the_mes(
     )
     mes = mes_for(broker, account=True)
     await enqueue(store, ids(5))
-    config = make_config(
-        broker,
-        tls={"ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key},
-        username=AGENT,
-        password_file=password_file,
+    own = {"ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key}
+    # it asks for both: a client certificate, and an account
+    account = {"username": AGENT, "password_file": password_file}
+    failed, _ = await refused_attempt(
+        make_config(broker, tls={"ca_file": pki.ca}, **account), store, "mqtt_connect_failed"
     )
-    async with running(config, store):
+    assert failed["reason"].startswith("the broker closed the connection before its CONNACK")
+    refused, _ = await refused_attempt(make_config(broker, tls=own), store, "mqtt_connect_refused")
+    assert refused["reason"] == "Not authorized"
+    assert await outbox(store) == ids(5)
+
+    async with running(make_config(broker, tls=own, **account), store):
         await drained(store)
     delivered_once(mes, ids(5))

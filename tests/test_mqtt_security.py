@@ -402,6 +402,29 @@ def test_a_bad_tls_or_account_setting_is_named_by_its_key(
     assert not any(PASSWORD in p for p in caught.value.problems)
 
 
+@pytest.mark.parametrize("doc", ["configuration.md", "security.md"])
+def test_the_documented_mqtt_block_validates(pki: Pki, tmp_path: Path, doc: str) -> None:
+    """The ``[mqtt]`` + ``[mqtt.tls]`` example of the docs, its paths pointed at test files."""
+    text = (ROOT / "docs" / doc).read_text()
+    [block] = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "[mqtt.tls]" in b]
+    secret = tmp_path / "pw"
+    secret.write_text(PASSWORD)
+    for documented, real in {
+        "/etc/edge-agent/tls/plant-ca.crt": pki.ca,
+        "/etc/edge-agent/tls/line1-edge.crt": pki.client_cert,
+        "/etc/edge-agent/tls/line1-edge.key": pki.client_key,
+        "/etc/edge-agent/mqtt-password": secret,
+    }.items():
+        assert documented in block, documented
+        block = block.replace(documented, str(real))
+    data = copy.deepcopy(tomllib.loads(EXAMPLE.read_text()))
+    data["mqtt"] = tomllib.loads(block)["mqtt"]
+    config = parse_config(data)
+    assert config.mqtt.port == 8883
+    assert config.mqtt.tls is not None
+    assert config.mqtt.tls.cert_file == pki.client_cert
+
+
 def test_an_encrypted_client_key_loads_with_its_password(pki: Pki, tmp_path: Path) -> None:
     config = make_config(
         Broker(tmp_path),

@@ -30,7 +30,8 @@ password read from its file or environment variable at every connection attempt 
 password is picked up without a restart) and never logged. A connection that fails says why:
 ``mqtt_connect_failed`` carries the TCP or TLS reason (``certificate verify failed: unable to get
 local issuer certificate``), ``mqtt_connect_refused`` the broker's CONNACK reason (``Not
-authorized``); each once, then every 10th attempt or when the reason changes.
+authorized``); each once, then every 10th attempt or when the reason changes. A status the broker
+refuses (its ACL) is logged as ``mqtt_status_refused``.
 
 paho runs its network loop on its own thread; callbacks hop onto the asyncio loop with
 ``call_soon_threadsafe``, so every piece of uplink state is touched by the event loop only.

@@ -684,14 +684,10 @@ class _ClosingSSLSocket(ssl.SSLSocket):
     def do_handshake(self, block: bool = False) -> None:
         try:
             super().do_handshake(block)
-        except ssl.SSLError:
+        except BaseException as exc:
             self.close()
-            raise
-        except OSError as exc:  # the peer hung up on the handshake: say it was that
-            self.close()
-            raise _HandshakeFailed(exc.errno, exc.strerror) from exc
-        except BaseException:
-            self.close()
+            if isinstance(exc, ConnectionError):  # the peer hung up on the handshake: say so
+                raise _HandshakeFailed(exc.errno, exc.strerror) from exc
             raise
 
 
@@ -735,6 +731,8 @@ def _connect_problem(exc: OSError) -> ConnectProblem:
             "port a TLS listener?",
             security=True,
         )
+    if isinstance(exc, TimeoutError):
+        return ConnectProblem("timed out", security=False)
     if isinstance(exc, socket.gaierror):
         return ConnectProblem(f"cannot resolve the host name: {exc.strerror}", security=False)
     return ConnectProblem(exc.strerror or str(exc) or type(exc).__name__, security=False)

@@ -412,8 +412,8 @@ def test_the_documented_mqtt_block_validates(pki: Pki, tmp_path: Path, doc: str)
     for documented, real in {
         "/etc/edge-agent/tls/plant-ca.crt": pki.ca,
         "/etc/edge-agent/tls/line1-edge.crt": pki.client_cert,
-        "/etc/edge-agent/tls/line1-edge.key": pki.client_key,
-        "/etc/edge-agent/mqtt-password": secret,
+        "/run/credentials/edge-agent.service/mqtt-client.key": pki.client_key,
+        "/run/credentials/edge-agent.service/mqtt-password": secret,
     }.items():
         assert documented in block, documented
         block = block.replace(documented, str(real))

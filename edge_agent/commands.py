@@ -13,6 +13,8 @@ Each command is JSON on ``{topic_base}/in/{kind}`` with a ``schema`` (``edge-age
 - ``reversal``: reverse a posted ``material-consumed`` message by its id;
 - ``exception-resolution``: post or discard the counts the agent keeps for an exception (an
   implausible counter jump; counts for an unknown, held or closed order);
+- ``actual-issue``: a pilot's actual issue of a material in shadow mode (``[pilot]``), to
+  compare with the backflush the agent computed beside it;
 - ``heartbeat``: the MES's clock, for the agent's clock check (a beacon: not a command, so it
   has no id and no reply).
 
@@ -206,6 +208,32 @@ class ExceptionResolutionCommand(_Command):
     comment: str | None = Field(default=None, max_length=2000)
 
 
+class ActualIssueCommand(_Command):
+    """A pilot's actual issue (scanned or weighed at the line) of a material in shadow mode to
+    an order: what left stock for it, to compare with the shadow backflush (docs/pilot.md).
+    A negative ``quantity`` is a return. ``operation`` may be left out when the material is
+    backflushed at one operation of the order's BOM; ``phase`` tags it as setup or running
+    (the comparison splits the two when every issue of the component is tagged)."""
+
+    schema_name: Literal["edge-agent/actual-issue"] = Field(
+        default="edge-agent/actual-issue", alias="schema"
+    )
+    order: str = Id
+    operation: str | None = Field(default=None, min_length=1)
+    material: str = Id
+    lot: str | None = Field(default=None, min_length=1, max_length=200)
+    quantity: Quantity
+    uom: str = Field(min_length=1)
+    at: WireTime
+    phase: Literal["setup", "running"] | None = None
+
+    @model_validator(mode="after")
+    def _not_zero(self) -> Self:
+        if self.quantity == 0:
+            raise ValueError("quantity: an actual issue moves something (got 0)")
+        return self
+
+
 class Heartbeat(_Wire):
     """The MES's clock: the agent compares it with its own (``[clock] max_skew_s``)."""
 
@@ -237,6 +265,7 @@ Command = (
     | LotStagingCommand
     | ReversalCommand
     | ExceptionResolutionCommand
+    | ActualIssueCommand
 )
 
 #: the last topic level → its model
@@ -246,6 +275,7 @@ COMMAND_MODELS: dict[str, type[BaseModel]] = {
     "lot-staging": LotStagingCommand,
     "reversal": ReversalCommand,
     "exception-resolution": ExceptionResolutionCommand,
+    "actual-issue": ActualIssueCommand,
     "heartbeat": Heartbeat,
 }
 

@@ -433,6 +433,23 @@ class CommandsSection(_Section):
         return Signing(self.signing_key.reveal_bytes(), self.max_age_s)
 
 
+class PilotSection(_Section):
+    """Shadow mode for a pilot line (docs/pilot.md). The backflush of the materials in
+    ``shadow_materials``, and of every material of the orders in ``shadow_orders``, is computed
+    and published as ``material-consumed-shadow``: never a stock movement, no lot drawn; the MES
+    sends the actual issues (``actual-issue``) and ``edge-agent pilot report`` compares the two.
+    Only backflushed lines are shadowed (metered and weighed lines are measurements already).
+    An order's shadow set is fixed at its first posting: a change here applies to orders that
+    start afterwards."""
+
+    shadow_materials: tuple[str, ...] = ()
+    shadow_orders: tuple[str, ...] = ()
+
+    def shadows(self, order: str) -> tuple[str, ...]:
+        """The materials ``order`` backflushes in shadow (``("*",)``: all of them)."""
+        return ("*",) if order in self.shadow_orders else self.shadow_materials
+
+
 class OrdersSection(_Section):
     #: a component's order-close variance beyond this (either way) is flagged
     variance_threshold_pct: DecimalStr = Field(default=Decimal(2), ge=0)
@@ -1206,6 +1223,7 @@ class Config(_Section):
     clock: ClockSection = ClockSection()
     commands: CommandsSection = CommandsSection()
     orders: OrdersSection = OrdersSection()
+    pilot: PilotSection = PilotSection()
     masterdata: MasterDataSection | None = None
     #: the Prometheus endpoint; off without the section (several agents on one PC each need
     #: their own port, and a port in use stops start-up: docs/metrics.md)

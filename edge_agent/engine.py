@@ -38,6 +38,8 @@ import structlog
 
 from edge_agent.commands import (
     COMMAND_MODELS,
+    ActualIssueCommand,
+    Command,
     CommandRejected,
     ExceptionResolutionCommand,
     Heartbeat,
@@ -116,6 +118,7 @@ from edge_agent.domain.quantities import (
     Exact,
     Rounding,
     conversion_factor,
+    convert,
     fmt,
     round_to_increment,
     to_decimal,
@@ -129,8 +132,10 @@ from edge_agent.errors import (
     SignalError,
     StoreError,
     StoreFullError,
+    UnitError,
 )
 from edge_agent.messages import (
+    KIND_OF,
     POSTINGS,
     AnyMessage,
     ClockCorrection,
@@ -148,6 +153,7 @@ from edge_agent.messages import (
     Remnant,
     Reversal,
     Severity,
+    ShadowConsumption,
     SubstitutionLine,
     Trigger,
     VarianceLine,
@@ -347,6 +353,12 @@ class OrderState:
     #: theoretical, variance, flagged; decimal strings): the metrics sum them (None: open, or
     #: closed before the agent kept them)
     variance: list[dict[str, Any]] | None = None
+    #: the materials this order backflushes in shadow (a pilot; ``["*"]``: all), fixed from
+    #: ``[pilot]`` at its first posting (None: not decided yet)
+    shadow: list[str] | None = None
+    #: a pilot's actual issues per shadowed component: totals as decimal strings ("quantity",
+    #: and by phase "setup", "running", "untagged"), "issues" and "lots" (lot → quantity)
+    actuals: dict[ComponentKey, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -368,6 +380,11 @@ class OrderState:
             "pending": self.pending,
             "reported_unknown": self.reported_unknown,
             "variance": self.variance,
+            "shadow": self.shadow,
+            "actuals": [
+                {"operation": op, "material": m, "method": method.value, **record}
+                for (op, m, method), record in self.actuals.items()
+            ],
         }
 
     @classmethod
@@ -395,7 +412,19 @@ class OrderState:
                 for r in d.get("reversed", [])
             },
             variance=d.get("variance"),
+            shadow=d.get("shadow"),
+            actuals={
+                (a["operation"], a["material"], PostingMethod(a["method"])): {
+                    k: v for k, v in a.items() if k not in ("operation", "material", "method")
+                }
+                for a in d.get("actuals", [])
+            },
         )
+
+    def shadowed(self, material: str) -> bool:
+        """Whether ``material`` is backflushed in shadow on this order (decided)."""
+        shadow = self.shadow or []
+        return "*" in shadow or material in shadow
 
 
 @dataclass
@@ -1851,8 +1880,12 @@ class Engine:
         posting moves nothing and is carried silently in the cumulative ``issued``)."""
         if posting.quantity == 0:
             return
-        binding = self._bind(state, posting, now)
         c = posting.component
+        if c.method is PostingMethod.BACKFLUSH and self._shadow(state, c.material):
+            # a pilot: the same figures, no stock movement (the MES books the actual issues)
+            self._consumed(work_centre, state, posting, trigger, (), None, shadow=True)
+            return
+        binding = self._bind(state, posting, now)
         self._consumed(
             work_centre,
             state,
@@ -1889,12 +1922,14 @@ class Engine:
         held: HeldPart | None,
         held_cancelled: Decimal = Decimal(0),
         window: FeedWindow | None = None,
+        shadow: bool = False,
     ) -> None:
         bom = self._bom(state)
         c = posting.component
+        model = ShadowConsumption if shadow else MaterialConsumed
         self._emit(
-            MaterialConsumed(
-                **self._header(work_centre, state.order, c.operation, "material-consumed"),
+            model(
+                **self._header(work_centre, state.order, c.operation, KIND_OF[model].value),
                 order=state.order,
                 product=bom.product,
                 bom_revision=bom.revision,
@@ -1916,6 +1951,14 @@ class Engine:
                 trigger=trigger,
             )
         )
+
+    def _shadow(self, state: OrderState, material: str) -> bool:
+        """Whether the order backflushes ``material`` in shadow; the order's shadow set is
+        fixed from ``[pilot]`` the first time it is asked (its first posting)."""
+        if state.shadow is None:
+            state.shadow = list(self.config.pilot.shadows(state.order))
+            self._dirty.add(f"order/{state.order}")
+        return state.shadowed(material)
 
     def _finished_lot(self, order: str) -> str | None:
         wo = self.orders.get(order)
@@ -2139,16 +2182,7 @@ class Engine:
         result: Literal["accepted", "rejected"] = "accepted"
         reason = None
         try:
-            if isinstance(parsed, MasterDataCommand):
-                self._master_data(parsed)
-            elif isinstance(parsed, WorkOrderCommand):
-                self._work_order_command(parsed, trigger)
-            elif isinstance(parsed, LotStagingCommand):
-                self._lot_staging(parsed, trigger)
-            elif isinstance(parsed, ExceptionResolutionCommand):
-                self._exception_resolution(parsed, trigger)
-            else:
-                self._reversal(parsed, event.original, trigger)
+            self._apply_command(parsed, event.original, trigger)
         except (CommandRefused, InputError) as exc:
             result, reason = "rejected", str(exc)
         produced, self._produced = tuple(self._produced), None
@@ -2166,6 +2200,21 @@ class Engine:
         self._dirty.add(f"command/{parsed.command_id}")
         self._audits.append((f"command:{event.kind}", parsed.command_id, event.payload))
         self._reply(event.kind, parsed.command_id, result, reason, produced=produced)
+
+    def _apply_command(self, command: Command, original: bytes | None, trigger: Trigger) -> None:
+        """Apply a valid command (CommandRefused: it makes no sense for the agent's state)."""
+        if isinstance(command, MasterDataCommand):
+            self._master_data(command)
+        elif isinstance(command, WorkOrderCommand):
+            self._work_order_command(command, trigger)
+        elif isinstance(command, LotStagingCommand):
+            self._lot_staging(command, trigger)
+        elif isinstance(command, ExceptionResolutionCommand):
+            self._exception_resolution(command, trigger)
+        elif isinstance(command, ActualIssueCommand):
+            self._actual_issue(command)
+        else:
+            self._reversal(command, original, trigger)
 
     def _reply(
         self,
@@ -2319,6 +2368,7 @@ class Engine:
             self.config.orders.variance_threshold_pct,
             state.bindings,
             residual=residual,
+            actual_issues={k: parse_decimal(a["quantity"]) for k, a in state.actuals.items()},
         )
         # the remnants are back in stock: they leave the line's staging
         self._update_lots(replace(lots[r.lot], quantity=Decimal(0)) for r in remnants)
@@ -2690,6 +2740,90 @@ class Engine:
             "is gone); only counter_jump, unknown_order, order_held, order_closed and "
             "usage_variance are resolved by the MES"
         )
+
+    # ........................................................ pilot
+
+    def _actual_issue(self, command: ActualIssueCommand) -> None:
+        """A pilot's actual issue of a shadowed material: kept with the order, beside the
+        shadow backflush, for ``edge-agent pilot report``. Only for a material the order
+        backflushes in shadow: otherwise the backflush is the stock movement, and recording an
+        issue as well would count it twice."""
+        order = command.order
+        if order not in self.orders:
+            raise CommandRefused(f"order: unknown order {order!r} (release it first)")
+        state = self._order(order)
+        if state.status == "closed":
+            raise CommandRefused(f"order: {order} is closed")
+        if state.product is None:
+            raise CommandRefused(f"order: {order} has no master data yet")
+        if not self._shadow(state, command.material):
+            raise CommandRefused(
+                f"material: order {order} does not backflush {command.material} in shadow "
+                f"([pilot] shadow: {', '.join(state.shadow or ()) or 'none'}): its backflush is "
+                "the stock movement, and an actual issue as well would count it twice"
+            )
+        key = self._shadow_component(state, command)
+        material = self.master.materials[command.material]
+        try:
+            quantity = convert(command.quantity, command.uom, material.uom, material.density)
+        except UnitError as exc:
+            raise CommandRefused(f"uom: {exc}") from None
+        record = state.actuals.get(key) or {
+            "quantity": "0",
+            "setup": "0",
+            "running": "0",
+            "untagged": "0",
+            "issues": 0,
+            "lots": {},
+        }
+        exact = to_decimal(quantity)
+        total = parse_decimal(record["quantity"]) + exact
+        if total < 0:
+            raise CommandRefused(
+                f"quantity: returns of {command.material} to order {order} would exceed its "
+                f"issues ({fmt(parse_decimal(record['quantity']))} {material.uom} issued)"
+            )
+        phase = command.phase or "untagged"
+        lots = dict(record["lots"])
+        if command.lot is not None:
+            lots[command.lot] = fmt(parse_decimal(lots.get(command.lot, "0")) + exact)
+        state.actuals[key] = {
+            **record,
+            "quantity": fmt(total),
+            phase: fmt(parse_decimal(record[phase]) + exact),
+            "issues": int(record["issues"]) + 1,
+            "lots": lots,
+        }
+        self._dirty.add(f"order/{order}")
+        log.info("actual_issue", order=order, material=command.material, quantity=fmt(exact))
+
+    def _shadow_component(self, state: OrderState, command: ActualIssueCommand) -> ComponentKey:
+        """The backflushed component an actual issue is for: its operation as given, or the
+        one operation of the order's BOM that backflushes the material."""
+        bom = self._bom(state)
+        operations = [
+            c.operation
+            for c in bom.components
+            if c.material == command.material and c.method is PostingMethod.BACKFLUSH
+        ]
+        if not operations:
+            raise CommandRefused(
+                f"material: {command.material} is not backflushed by {bom.ref} (order "
+                f"{state.order})"
+            )
+        if command.operation is None:
+            if len(set(operations)) > 1:
+                raise CommandRefused(
+                    f"operation: {command.material} is backflushed at {', '.join(operations)}: "
+                    "say which"
+                )
+            return (operations[0], command.material, PostingMethod.BACKFLUSH)
+        if command.operation not in operations:
+            raise CommandRefused(
+                f"operation: {command.material} is backflushed at {', '.join(operations)}, "
+                f"not {command.operation}"
+            )
+        return (command.operation, command.material, PostingMethod.BACKFLUSH)
 
     # ........................................................ time
 

@@ -10,6 +10,7 @@ Kinds (the last topic level, under ``{root}/{site}/{area}/{line}/{agent}/out/``)
 
 - ``material-consumed``: one component posting (backflush, meter or weigh), its lot movements and
   any quantity held for want of an eligible lot;
+- ``material-consumed-shadow``: a backflush posting in shadow mode (a pilot): no stock movement;
 - ``production-confirmation``: good and scrap confirmed at an operation of an order;
 - ``exception``: something the MES or a person must look at (a held requirement, a rejected
   weighing, bad signal quality, a counter reset, an unknown order).
@@ -93,6 +94,7 @@ def message_id(
 
 class Kind(StrEnum):
     MATERIAL_CONSUMED = "material-consumed"
+    MATERIAL_CONSUMED_SHADOW = "material-consumed-shadow"
     PRODUCTION_CONFIRMATION = "production-confirmation"
     EXCEPTION = "exception"
     VARIANCE = "variance"
@@ -214,10 +216,9 @@ class Reversal(_Wire):
     comment: str | None = None
 
 
-class MaterialConsumed(_Header):
-    schema_name: Literal["edge-agent/material-consumed"] = Field(
-        default="edge-agent/material-consumed", alias="schema"
-    )
+class _Consumption(_Header):
+    """The fields of a component posting, stock movement or shadow."""
+
     order: str
     product: str
     bom_revision: str
@@ -246,6 +247,22 @@ class MaterialConsumed(_Header):
     reverses: str | None = None
     reversal: Reversal | None = None
     trigger: Trigger
+
+
+class MaterialConsumed(_Consumption):
+    schema_name: Literal["edge-agent/material-consumed"] = Field(
+        default="edge-agent/material-consumed", alias="schema"
+    )
+
+
+class ShadowConsumption(_Consumption):
+    """A backflush posting computed in shadow mode (a pilot, ``[pilot]``, docs/pilot.md): the
+    same figures as a ``material-consumed``, on its own topic, and never a stock movement: it
+    binds no lot (``lots`` is empty, nothing is held), the MES books the actual issues instead."""
+
+    schema_name: Literal["edge-agent/material-consumed-shadow"] = Field(
+        default="edge-agent/material-consumed-shadow", alias="schema"
+    )
 
 
 class ProductionConfirmation(_Header):
@@ -450,6 +467,7 @@ class StatusMessage(_Wire):
 
 AnyMessage = (
     MaterialConsumed
+    | ShadowConsumption
     | ProductionConfirmation
     | ExceptionMessage
     | OrderVariance
@@ -461,6 +479,7 @@ _MESSAGE: TypeAdapter[AnyMessage] = TypeAdapter(Message)
 
 KIND_OF: dict[type[_Header], Kind] = {
     MaterialConsumed: Kind.MATERIAL_CONSUMED,
+    ShadowConsumption: Kind.MATERIAL_CONSUMED_SHADOW,
     ProductionConfirmation: Kind.PRODUCTION_CONFIRMATION,
     ExceptionMessage: Kind.EXCEPTION,
     OrderVariance: Kind.VARIANCE,
@@ -468,7 +487,7 @@ KIND_OF: dict[type[_Header], Kind] = {
     CommandReply: Kind.COMMAND_REPLY,
 }
 #: postings: held while the agent's clock is not trusted (exceptions and replies are not)
-POSTINGS = (MaterialConsumed, ProductionConfirmation, OrderVariance, Genealogy)
+POSTINGS = (MaterialConsumed, ShadowConsumption, ProductionConfirmation, OrderVariance, Genealogy)
 
 
 def kind_of(message: AnyMessage) -> Kind:

@@ -91,6 +91,7 @@ from edge_agent.messages import (
     OrderVariance,
     ProductionConfirmation,
     Severity,
+    ShadowConsumption,
     kind_of,
     parse_message,
     wire_time,
@@ -102,8 +103,9 @@ log = structlog.get_logger(__name__)
 Protocol = Literal["5", "3.1.1"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
-#: 2: reversals, command replies, variances, genealogy, resolved exceptions (issue 5)
-LEDGER_VERSION = 2
+#: 2: reversals, command replies, variances, genealogy, resolved exceptions (issue 5);
+#: 3: shadow consumption (a pilot, issue 9)
+LEDGER_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -137,6 +139,14 @@ CREATE TABLE IF NOT EXISTS consumption (
     reverses    TEXT            -- a compensating posting: the message id it reverses
 );
 CREATE INDEX IF NOT EXISTS consumption_reverses ON consumption (reverses);
+CREATE TABLE IF NOT EXISTS shadow_consumption (  -- a pilot's backflush: no stock movement
+    message_id  TEXT PRIMARY KEY REFERENCES messages (message_id),
+    order_id    TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    material    TEXT NOT NULL,
+    uom         TEXT NOT NULL,
+    quantity    TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS lot_movements (
     message_id  TEXT NOT NULL REFERENCES messages (message_id),
     idx         INTEGER NOT NULL,
@@ -370,6 +380,13 @@ class Ledger:
             rows = db.execute("SELECT order_id, material, uom, quantity FROM consumption")
             return _sum(((order, material, uom), qty) for order, material, uom, qty in rows)
 
+    def shadow_consumption(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, material, uom) → the sum of material-consumed-shadow ``quantity``: a pilot's
+        backflush, never a stock movement (not in :meth:`consumption`)."""
+        with self._reader() as db:
+            rows = db.execute("SELECT order_id, material, uom, quantity FROM shadow_consumption")
+            return _sum(((order, material, uom), qty) for order, material, uom, qty in rows)
+
     def lot_movements(self) -> dict[tuple[str, str, str], Decimal]:
         """(order, lot, material) → the sum of the lot movements of material-consumed."""
         with self._reader() as db:
@@ -510,6 +527,19 @@ def _insert_details(db: sqlite3.Connection, message: AnyMessage, payload: bytes)
                 (mid, i, message.order, m.lot, m.material, fmt(m.quantity), message.reverses)
                 for i, m in enumerate(message.lots)
             ],
+        )
+    elif isinstance(message, ShadowConsumption):
+        db.execute(
+            "INSERT INTO shadow_consumption "
+            "(message_id, order_id, operation, material, uom, quantity) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                mid,
+                message.order,
+                message.operation,
+                message.material,
+                message.uom,
+                fmt(message.quantity),
+            ),
         )
     elif isinstance(message, ProductionConfirmation):
         db.execute(
@@ -746,6 +776,10 @@ class MesSimulator:
     def consumption(self) -> dict[tuple[str, str, str], Decimal]:
         """(order, material, uom) → quantity consumed, corrections included."""
         return self.ledger.consumption()
+
+    def shadow_consumption(self) -> dict[tuple[str, str, str], Decimal]:
+        """(order, material, uom) → a pilot's shadow backflush (no stock movement)."""
+        return self.ledger.shadow_consumption()
 
     def lot_movements(self) -> dict[tuple[str, str, str], Decimal]:
         """(order, lot, material) → quantity drawn from the lot (returns negative)."""

@@ -39,6 +39,14 @@ VALID: dict[str, dict[str, Any]] = {
         "reason_code": "R",
         "requested_by": "u",
     },
+    "actual-issue": {
+        "order": "WO-7",
+        "material": "RM-PERFUME",
+        "lot": "PERF-0042",
+        "quantity": "0.150",
+        "uom": "kg",
+        "at": "2026-11-23T06:00:00.000Z",
+    },
     "heartbeat": {"mes_time": "2026-11-23T06:00:00.000Z"},
 }
 assert set(VALID) == set(COMMAND_MODELS)

@@ -162,6 +162,8 @@ def names_the_field(problem: str, mutated: str) -> bool:
         named in close
         or named.startswith((f"{mutated}.", f"{mutated}["))
         or (_parent(named) == _parent(mutated) != "")
+        # an element of a list refused for the list's sake (a duplicate): named by the list
+        or (mutated.endswith("]") and named == mutated.rsplit("[", 1)[0])
         or re.search(rf"\b{re.escape(mutated)}\b", text) is not None
         or any(f"{a}:" in text for a in _ancestors(mutated) if _depth(a) >= 2)
     )

@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 
 from edge_agent.cli import main
 from edge_agent.commands import COMMAND_MODELS, CommandRejected, parse_command
+from edge_agent.config import PilotSection
 from edge_agent.engine import CommandEvent
 from edge_agent.messages import Kind
 from edge_agent.schemas import schema_files
@@ -67,8 +68,11 @@ async def test_real_messages_are_valid_and_broken_ones_are_not(tmp_path: Path) -
     }
     for validator in validators.values():
         Draft202012Validator.check_schema(validator.schema)
+    # a pilot shadows the base: its backflush is a material-consumed-shadow
+    pilot = PilotSection(shadow_materials=("RM-BASE",))
+    config = make_config(tmp_path).model_copy(update={"pilot": pilot})
     async with Store.open(tmp_path / "agent.db") as store:
-        engine = await load(make_config(tmp_path), store)
+        engine = await load(config, store)
         for e in the_example(engine):
             engine.apply(e)
         engine.apply(event("feed_lot", "NOT-STAGED", datetime(2026, 11, 22, 8, 3, tzinfo=UTC)))
@@ -118,6 +122,16 @@ EXAMPLES = {
     },
     "reversal": {"command_id": "r1", "message_id": "x", "reason_code": "R", "requested_by": "u"},
     "heartbeat": {"mes_time": "2026-11-23T07:00:00.000Z"},
+    "actual-issue": {
+        "command_id": "a1",
+        "order": "WO-9",
+        "material": "RM-PERFUME",
+        "lot": "PERF-0042",
+        "quantity": "0.150",
+        "uom": "kg",
+        "at": "2026-11-23T07:00:00.000Z",
+        "phase": "running",
+    },
     "exception-resolution": {
         "command_id": "e1",
         "exception_id": "x",

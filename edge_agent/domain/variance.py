@@ -63,12 +63,15 @@ def close_variance(
     bindings: Mapping[ComponentKey, BindingState] | None = None,
     returned: Mapping[str, Decimal] | None = None,
     residual: Mapping[str, Decimal] | None = None,
+    actual_issues: Mapping[ComponentKey, Decimal] | None = None,
 ) -> tuple[ComponentVariance, ...]:
     """Variance of every auto-posted component of an order at close.
 
     ``returned``: remnants returned of what was issued (actual = issued − returned);
     ``residual``: material gone from lots without a posting, per material (the agent's lot
-    balance less the remnant counted at close: actual = issued + residual).
+    balance less the remnant counted at close: actual = issued + residual);
+    ``actual_issues``: for a component backflushed in shadow (a pilot), what was really issued
+    (scanned or weighed): its stock movement, in place of the shadow postings.
     """
     out = []
     for component in bom.components:
@@ -81,7 +84,10 @@ def close_variance(
         posted = consumption.component(component.key).issued
         binding = (bindings or {}).get(component.key)
         substitutions: list[Substitution] = []
-        if binding is None:
+        shadowed = (actual_issues or {}).get(component.key)
+        if shadowed is not None:
+            issued, substituted, held = shadowed, ZERO, ZERO
+        elif binding is None:
             issued, substituted, held = posted, ZERO, ZERO
         else:
             issued = sum(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.domain.explosion import explode
@@ -509,7 +509,6 @@ def pilots(draw: st.DrawFn) -> list[OrderEvidence]:
     ]
 
 
-@settings(max_examples=60, deadline=None)
 @given(pilots(), st.randoms(use_true_random=False))
 def test_the_fit_does_not_depend_on_the_order_of_the_orders(
     rows: list[OrderEvidence], rnd: random.Random
@@ -519,7 +518,6 @@ def test_the_fit_does_not_depend_on_the_order_of_the_orders(
     assert fit(shuffled, min_orders=2) == fit(rows, min_orders=2)
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     pilots(),
     st.decimals(min_value=D("0.01"), max_value=100, places=2).filter(lambda c: c > 0),
@@ -543,7 +541,6 @@ def test_scaling_the_actuals_scales_rate_and_setup(
         assert abs(s.spread - p.spread * factor) <= D("1e-11") * max(D(1), factor)
 
 
-@settings(max_examples=100, deadline=None)
 @given(
     counts,
     st.integers(min_value=0, max_value=500),

@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,6 +39,7 @@ from edge_agent.errors import (
 )
 from edge_agent.genealogy import show_genealogy
 from edge_agent.logs import configure_logging
+from edge_agent.pilot import pilot_report
 from edge_agent.reports import print_table
 from edge_agent.schemas import write_schemas
 from edge_agent.shiftdemo import run_shift_demo
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--order", metavar="ID", help="the work order")
     which.add_argument("--finished-lot", metavar="LOT", help="the lot the order makes")
 
+    _add_pilot(sub)
+
     schemas = sub.add_parser(
         "schemas",
         help="write the JSON Schema of every message kind the agent publishes",
@@ -241,6 +245,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_pilot(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``edge-agent pilot report``."""
+    pilot = sub.add_parser(
+        "pilot",
+        help="a pilot line: backflush beside actual issues, and a scrap %% and setup proposal",
+    )
+    pilot_sub = pilot.add_subparsers(dest="pilot_command", required=True, parser_class=_Parser)
+    report = pilot_sub.add_parser(
+        "report",
+        help="compare the shadow backflush with the actual issues and propose scrap %% and setup",
+        description=(
+            "Read the agent's store: for each closed order that backflushed materials in shadow "
+            "([pilot]), compare theoretical, backflushed and actual per operation and material, "
+            "and fit actual = rate × (good + scrap) + setup over the orders to propose a "
+            "component scrap %% and setup with confidence intervals (docs/pilot.md). Nothing is "
+            "applied: --proposal writes a new BOM revision for change control."
+        ),
+    )
+    report.add_argument("config", type=Path, metavar="CONFIG.toml")
+    report.add_argument("--include-open", action="store_true", help="take open orders too")
+    report.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=Decimal("0.95"),
+        help="of the intervals, between 0.5 and 0.999 (default 0.95)",
+    )
+    report.add_argument(
+        "--min-orders",
+        type=_min_orders,
+        default=5,
+        help="fewer orders than this are too thin to change a standard (default 5)",
+    )
+    report.add_argument("--json", type=Path, metavar="FILE", help="write everything as JSON")
+    report.add_argument(
+        "--csv", type=Path, metavar="DIR", help="write comparison.csv and proposal.csv"
+    )
+    report.add_argument(
+        "--proposal",
+        type=Path,
+        metavar="FILE",
+        help="write the applicable proposals as a new BOM revision (a master-data document)",
+    )
+    report.add_argument("--revision", metavar="NAME", help="the new revision's name")
+    report.add_argument(
+        "--charts", type=Path, metavar="DIR", help="one PNG per material (needs matplotlib)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Console(highlight=False, soft_wrap=True)
@@ -253,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "audit": _audit,
         "genealogy": _genealogy,
+        "pilot": _pilot,
         "schemas": _schemas,
         "certs": _certs,
     }
@@ -352,6 +405,37 @@ def _audit(args: argparse.Namespace, out: Console) -> int:
 
 def _genealogy(args: argparse.Namespace, out: Console) -> int:
     return show_genealogy(load_config(args.config), out, args.order, args.finished_lot)
+
+
+def _pilot(args: argparse.Namespace, out: Console) -> int:
+    return pilot_report(
+        load_config(args.config),
+        out,
+        include_open=args.include_open,
+        confidence=args.confidence,
+        min_orders=args.min_orders,
+        json_path=args.json,
+        csv_dir=args.csv,
+        proposal_path=args.proposal,
+        revision=args.revision,
+        charts_dir=args.charts,
+    )
+
+
+def _confidence(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.95 (got {text!r})") from None
+    if not Decimal("0.5") <= value <= Decimal("0.999"):
+        raise argparse.ArgumentTypeError(f"must be between 0.5 and 0.999 (got {text})")
+    return value
+
+
+def _min_orders(text: str) -> int:
+    if not text.isdigit() or int(text) < 3:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 3 (got {text!r})")
+    return int(text)
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:

@@ -274,7 +274,8 @@ def _comparison_cells(c: Comparison) -> list[str]:
 
 def _q(value: Decimal) -> str:
     """A figure as shown in a table: to 6 decimal places at most (the files keep all 12)."""
-    return fmt(value.quantize(_SHOWN) if value.as_tuple().exponent < -6 else value)  # type: ignore[operator]
+    exponent = value.as_tuple().exponent
+    return fmt(value.quantize(_SHOWN) if isinstance(exponent, int) and exponent < -6 else value)
 
 
 _SHOWN = Decimal("0.000001")

@@ -319,6 +319,8 @@ def _pem_problem(path: Path, exc: OSError | ssl.SSLError, what: str) -> str:
 
 
 def _loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (the MQTT password and the metrics endpoint check
+    it)."""
     if host == "localhost":
         return True
     try:
@@ -467,10 +469,6 @@ class MasterDataSection(_Section):
     orders: ConfigPath | None = None
 
 
-#: the loopback names accepted without ``allow_remote`` (an IP literal is checked as such)
-_LOOPBACK_NAMES = frozenset({"localhost"})
-
-
 def _host_port(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) as (host, port); ValueError naming
     what is wrong."""
@@ -482,15 +480,6 @@ def _host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. '127.0.0.1:9464'")
     return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class MetricsSection(_Section):
@@ -506,7 +495,7 @@ class MetricsSection(_Section):
     @classmethod
     def _listen(cls, value: str, info: ValidationInfo) -> str:
         host, _ = _host_port(value)
-        if not _is_loopback(host) and not info.data.get("allow_remote", False):
+        if not _loopback(host) and not info.data.get("allow_remote", False):
             raise ValueError(
                 f"{host} is not a loopback address: the endpoint has no authentication; "
                 "set metrics.allow_remote = true to serve it on the network "

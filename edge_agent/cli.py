@@ -23,7 +23,7 @@ from rich.console import Console
 from edge_agent import __version__, certs
 from edge_agent.agent import serve
 from edge_agent.calc import parse_confirmation, run_calc
-from edge_agent.config import load_config
+from edge_agent.config import load_config, parse_host_port
 from edge_agent.demo import run_rules_demo
 from edge_agent.documents import load_lots_file, load_master
 from edge_agent.domain.explosion import explode
@@ -340,12 +340,10 @@ def _demo(args: argparse.Namespace, out: Console) -> int:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(
-            f"expected HOST:PORT such as 127.0.0.1:1883 (got {text!r})"
-        )
-    return host, int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -469,16 +469,18 @@ class MasterDataSection(_Section):
     orders: ConfigPath | None = None
 
 
-def _host_port(value: str) -> tuple[str, int]:
+def parse_host_port(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) as (host, port); ValueError naming
-    what is wrong."""
+    what is wrong (the metrics endpoint, and the command lines' ``--broker``)."""
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         raise ValueError("an IPv6 address is written in brackets, e.g. '[::1]:9464'")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. '127.0.0.1:9464'")
+        raise ValueError(
+            f"must be HOST:PORT with a port from 1 to 65535, e.g. '127.0.0.1:1883' (got {value!r})"
+        )
     return host, int(port)
 
 
@@ -494,7 +496,7 @@ class MetricsSection(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str, info: ValidationInfo) -> str:
-        host, _ = _host_port(value)
+        host, _ = parse_host_port(value)
         if not _loopback(host) and not info.data.get("allow_remote", False):
             raise ValueError(
                 f"{host} is not a loopback address: the endpoint has no authentication; "
@@ -505,11 +507,11 @@ class MetricsSection(_Section):
 
     @property
     def host(self) -> str:
-        return _host_port(self.listen)[0]
+        return parse_host_port(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return _host_port(self.listen)[1]
+        return parse_host_port(self.listen)[1]
 
 
 class NodeSignal(_Section):

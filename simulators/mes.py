@@ -77,7 +77,7 @@ from edge_agent.commands import (
     parse_command,
     sign,
 )
-from edge_agent.config import Config
+from edge_agent.config import Config, parse_host_port
 from edge_agent.domain.lots import LotStatus
 from edge_agent.domain.quantities import fmt
 from edge_agent.errors import InputError
@@ -1280,15 +1280,6 @@ def print_report(ledger: Ledger, console: Console) -> None:
         console.print(table)
 
 
-def parse_broker(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); ValueError says what is wrong."""
-    host, sep, port_text = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"expected HOST:PORT with a port 1..65535, got {value!r}")
-    return host, int(port_text)
-
-
 def _check_topic(value: str, wildcards: bool) -> str:
     levels = value.split("/")
     if not value or any(not level for level in levels):
@@ -1354,7 +1345,7 @@ def listen_main(argv: Sequence[str]) -> int:
         return 0
 
     try:
-        host, port = parse_broker(args.broker)
+        host, port = parse_host_port(args.broker)
     except ValueError as exc:
         parser.error(f"--broker: {exc}")
     if (args.topic_base is None) == (args.topic is None):
@@ -1543,7 +1534,7 @@ def send_main(argv: Sequence[str]) -> int:
         parser.error("--raw publishes the file's bytes as they are: it cannot sign them")
 
     try:
-        host, port = parse_broker(args.broker)
+        host, port = parse_host_port(args.broker)
     except ValueError as exc:
         parser.error(f"--broker: {exc}")
     try:

@@ -410,8 +410,8 @@ def test_report_prints_the_totals_of_an_existing_ledger(
 @pytest.mark.parametrize(
     ("argv", "complaint"),
     [
-        (["--broker", "localhost", "--topic-base", BASE], "--broker: expected HOST:PORT"),
-        (["--broker", "127.0.0.1:99999", "--topic-base", BASE], "port 1..65535"),
+        (["--broker", "localhost", "--topic-base", BASE], "--broker: must be HOST:PORT"),
+        (["--broker", "127.0.0.1:99999", "--topic-base", BASE], "port from 1 to 65535"),
         ([], "give --topic-base"),
         (["--topic-base", "acme/+/x"], "wildcards"),
         (["--protocol", "4", "--topic-base", BASE], "invalid choice"),

@@ -66,6 +66,7 @@ from rich.table import Table
 
 from edge_agent.commands import (
     COMMAND_MODELS,
+    ActualIssueCommand,
     CommandRejected,
     ExceptionResolutionCommand,
     Heartbeat,
@@ -1026,6 +1027,35 @@ class MesSimulator:
                 reason_code=reason_code,
                 requested_by=requested_by,
                 comment=comment,
+            )
+        )
+
+    def actual_issue(
+        self,
+        order: str,
+        material: str,
+        quantity: Decimal | int | str,
+        uom: str,
+        *,
+        at: datetime | None = None,
+        operation: str | None = None,
+        lot: str | None = None,
+        phase: Literal["setup", "running"] | None = None,
+        command_id: str | None = None,
+    ) -> str:
+        """A pilot's actual issue of ``material`` to ``order`` (scanned or weighed at the line;
+        a negative ``quantity`` is a return), ``at`` now unless given."""
+        return self.send(
+            ActualIssueCommand(
+                command_id=command_id or self.new_command_id(),
+                order=order,
+                operation=operation,
+                material=material,
+                lot=lot,
+                quantity=Decimal(quantity),
+                uom=uom,
+                at=at or datetime.now(UTC),
+                phase=phase,
             )
         )
 

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format clean faults faults-full bench bench-full
+.PHONY: demo pilot test lint format clean faults faults-full bench bench-full
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/edge-agent demo
+
+# a short pilot on the example line, then its report: the fit against the known truth (docs/pilot.md)
+pilot: $(STAMP)
+	$(BIN)/python -m simulators.pilot $(PILOT_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -586,7 +586,7 @@ class ReportFiles:
     """Where ``edge-agent pilot report`` writes (``charts`` None: not asked for)."""
 
     json: Path
-    csv: Path
+    csv: Path  # a directory: comparison.csv and proposal.csv
     proposal: Path
     charts: Path | None
 
@@ -594,7 +594,7 @@ class ReportFiles:
     def under(cls, directory: Path, charts: bool) -> ReportFiles:
         return cls(
             directory / "pilot-report.json",
-            directory / "pilot-report.csv",
+            directory / "pilot-csv",
             directory / f"masterdata-{PRODUCT}-rev-{PROPOSED_REVISION}.json",
             directory / "charts" if charts else None,
         )
@@ -709,8 +709,8 @@ def check(plan: PilotPlan, run: PilotRun, report: dict[str, Any]) -> Verdict:
                 problems.append(f"{t.material}: no {figure} interval")
             elif not r.contains:
                 problems.append(
-                    f"{t.material}: the {figure} interval {fmt(r.low)} … {fmt(r.high or 0)} "
-                    f"does not contain the truth, {fmt(truth)}"
+                    f"{t.material}: the {figure} interval {_short(r.low)} … "
+                    f"{_short(r.high or r.low)} does not contain the truth, {fmt(truth)}"
                 )
     return Verdict(recovered, problems, notes)
 
@@ -869,7 +869,9 @@ def _ending(
         title_justify="left",
     )
     for col in ("material", "op", "figure", "BOM", "truth", "proposed", "interval", ""):
-        table.add_column(col, justify="left" if col in ("material", "figure", "") else "right")
+        table.add_column(
+            col, justify="left" if col in ("material", "figure", "") else "right", no_wrap=True
+        )
     for r in verdict.recovered:
         interval = "—" if r.low is None or r.high is None else f"{_short(r.low)} … {_short(r.high)}"
         table.add_row(
@@ -880,15 +882,16 @@ def _ending(
             fmt(r.truth),
             "—" if r.proposed is None else fmt(r.proposed),
             interval,
-            "[green]✓[/green]" if r.contains else "[red]✗ misses[/red]",
+            "[green]✓[/green]" if r.contains else "[red]✗[/red]",
         )
-    out.print(table)
+    # a table is read whole: in a file or a pipe it is not squeezed to 80 columns
+    (out if out.is_terminal else Console(file=out.file, width=max(out.width, 100))).print(table)
     others = sorted({m for _, m, _ in run.consumed})
     out.print(
         f"  {len(plan.orders)} orders × {len(plan.materials)} shadowed materials compared with "
         f"the actual issues; {', '.join(others)} posted into their lots as usual.\n"
         f"  The pilot took {pilot_s:.0f} s, with the report {total_s:.0f} s. Files: {files.json}, "
-        f"{files.csv}, {files.proposal}"
+        f"{files.csv}/, {files.proposal}"
         + (f", {files.charts}/" if files.charts else "")
         + f"; the agent's store and log and the MES ledger: {workdir / 'run'}"
     )

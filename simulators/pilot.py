@@ -897,6 +897,13 @@ def _ending(
     )
     for note in verdict.notes:
         out.print(f"  [yellow]{note}[/yellow]")
+    if verdict.ok and verdict.notes:
+        out.print(
+            "[bold green]Every order compared, and every interval holds the truth[/bold green]"
+            "[bold yellow], but the evidence is too thin to change the standard: the report "
+            "applies nothing (run more orders).[/bold yellow]"
+        )
+        return
     if verdict.ok:
         out.print(
             "[bold green]Every order compared, and every interval holds the truth: the pilot "

@@ -56,7 +56,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_agent.config import Config, parse_config
+from edge_agent.config import Config, parse_config, parse_host_port
 from edge_agent.documents import load_master
 from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import MasterData, PostingMethod
@@ -64,7 +64,7 @@ from edge_agent.domain.quantities import Rounding, fmt, round_to_increment
 from edge_agent.logs import configure_logging
 from edge_agent.messages import wire_time
 from simulators.broker import EmbeddedBroker, free_port
-from simulators.mes import MesSimulator, parse_broker
+from simulators.mes import MesSimulator
 from simulators.opcua_plc import LinePlc
 from simulators.shift import CONFIG_DIR, FILL, MIX, AgentProcess
 
@@ -756,20 +756,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--broker",
         metavar="HOST:PORT",
+        type=_host_port,
         help="use this MQTT 5 broker (e.g. a mosquitto) instead of the embedded one",
     )
     args = parser.parse_args(argv)
     if not 3 <= args.orders <= 40:
         parser.error(f"--orders must be 3 to 40 (got {args.orders})")
-    broker = None
-    if args.broker is not None:
-        try:
-            broker = parse_broker(args.broker)
-        except ValueError as exc:
-            parser.error(f"--broker: {exc}")
     out = Console(highlight=False, soft_wrap=True)
     workdir = _workdir(parser, args.out)
-    return run_demo(out, workdir, args.orders, args.seed, broker)
+    return run_demo(out, workdir, args.orders, args.seed, args.broker)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _workdir(parser: argparse.ArgumentParser, given: Path | None) -> Path:

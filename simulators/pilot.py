@@ -60,7 +60,7 @@ from edge_agent.config import Config, parse_config, parse_host_port
 from edge_agent.documents import load_master
 from edge_agent.domain.explosion import explode
 from edge_agent.domain.masterdata import MasterData, PostingMethod
-from edge_agent.domain.quantities import Rounding, fmt, round_to_increment
+from edge_agent.domain.quantities import Rounding, fmt, round_to_increment, to_decimal
 from edge_agent.logs import configure_logging
 from edge_agent.messages import wire_time
 from simulators.broker import EmbeddedBroker, free_port
@@ -200,7 +200,7 @@ def standards(master: MasterData, truths: Sequence[Truth], as_of: datetime) -> d
             material.uom,
             component.rate / (1 + Fraction(scrap) / 100),
             scrap,
-            Decimal(component.setup.numerator) / Decimal(component.setup.denominator),
+            to_decimal(component.setup),
             material.increment,
         )
     return out
@@ -273,9 +273,7 @@ def _issues(
     for k in range(chunks):
         if k < chunks - 1:
             share = Fraction(sum(_made(c, t.operation) for c in order.chunks[: k + 1]), x)
-            quantity = (
-                steps(running * Decimal(share.numerator) / Decimal(share.denominator)) - issued
-            )
+            quantity = steps(Fraction(running) * share) - issued
         else:
             quantity = running - issued + left_over
         issued += quantity

@@ -1346,7 +1346,10 @@ class Engine:
     def _bom(self, state: OrderState) -> ExplodedBom:
         assert state.product is not None
         assert state.revision is not None
-        key = (state.product, state.revision)
+        return self._exploded(state.product, state.revision)
+
+    def _exploded(self, product: str, revision: str) -> ExplodedBom:
+        key = (product, revision)
         if key not in self._boms:
             self._boms[key] = explode(self.master, self.master.bom(*key), self.clock())
         return self._boms[key]
@@ -2747,28 +2750,38 @@ class Engine:
         """A pilot's actual issue of a shadowed material: kept with the order, beside the
         shadow backflush, for ``edge-agent pilot report``. Only for a material the order
         backflushes in shadow: otherwise the backflush is the stock movement, and recording an
-        issue as well would count it twice."""
+        issue as well would count it twice. It may come before the order's first count (a
+        setup issue). Everything is checked before anything changes."""
         order = command.order
-        if order not in self.orders:
+        wo = self.orders.get(order)
+        if wo is None:
             raise CommandRefused(f"order: unknown order {order!r} (release it first)")
-        state = self._order(order)
-        if state.status == "closed":
+        known = self.order_states.get(order)
+        if known is not None and known.status == "closed":
             raise CommandRefused(f"order: {order} is closed")
-        if state.product is None:
-            raise CommandRefused(f"order: {order} has no master data yet")
-        if not self._shadow(state, command.material):
+        shadow = (
+            known.shadow
+            if known is not None and known.shadow is not None
+            else list(self.config.pilot.shadows(order))
+        )
+        if "*" not in shadow and command.material not in shadow:
             raise CommandRefused(
                 f"material: order {order} does not backflush {command.material} in shadow "
-                f"([pilot] shadow: {', '.join(state.shadow or ()) or 'none'}): its backflush is "
-                "the stock movement, and an actual issue as well would count it twice"
+                f"([pilot] shadow: {', '.join(shadow) or 'none'}): its backflush is the stock "
+                "movement, and an actual issue as well would count it twice"
             )
-        key = self._shadow_component(state, command)
+        if known is not None and known.product is not None:
+            bom = self._bom(known)
+        else:
+            pinned = self.master.bom(wo.product, wo.revision, self.clock()).revision
+            bom = self._exploded(wo.product, pinned)
+        key = _shadow_component(bom, order, command)
         material = self.master.materials[command.material]
         try:
             quantity = convert(command.quantity, command.uom, material.uom, material.density)
         except UnitError as exc:
             raise CommandRefused(f"uom: {exc}") from None
-        record = state.actuals.get(key) or {
+        record = (known.actuals.get(key) if known is not None else None) or {
             "quantity": "0",
             "setup": "0",
             "running": "0",
@@ -2784,6 +2797,9 @@ class Engine:
                 f"issues ({fmt(parse_decimal(record['quantity']))} {material.uom} issued)"
             )
         phase = command.phase or "untagged"
+        # every check passed: the order's state, and its shadow set, are fixed from here
+        state = self._order(order)
+        self._shadow(state, command.material)
         lots = dict(record["lots"])
         if command.lot is not None:
             lots[command.lot] = fmt(parse_decimal(lots.get(command.lot, "0")) + exact)
@@ -2796,34 +2812,6 @@ class Engine:
         }
         self._dirty.add(f"order/{order}")
         log.info("actual_issue", order=order, material=command.material, quantity=fmt(exact))
-
-    def _shadow_component(self, state: OrderState, command: ActualIssueCommand) -> ComponentKey:
-        """The backflushed component an actual issue is for: its operation as given, or the
-        one operation of the order's BOM that backflushes the material."""
-        bom = self._bom(state)
-        operations = [
-            c.operation
-            for c in bom.components
-            if c.material == command.material and c.method is PostingMethod.BACKFLUSH
-        ]
-        if not operations:
-            raise CommandRefused(
-                f"material: {command.material} is not backflushed by {bom.ref} (order "
-                f"{state.order})"
-            )
-        if command.operation is None:
-            if len(set(operations)) > 1:
-                raise CommandRefused(
-                    f"operation: {command.material} is backflushed at {', '.join(operations)}: "
-                    "say which"
-                )
-            return (operations[0], command.material, PostingMethod.BACKFLUSH)
-        if command.operation not in operations:
-            raise CommandRefused(
-                f"operation: {command.material} is backflushed at {', '.join(operations)}, "
-                f"not {command.operation}"
-            )
-        return (command.operation, command.material, PostingMethod.BACKFLUSH)
 
     # ........................................................ time
 
@@ -3049,6 +3037,33 @@ class Engine:
 
 _HALF_UP = Rounding.HALF_UP
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def _shadow_component(bom: ExplodedBom, order: str, command: ActualIssueCommand) -> ComponentKey:
+    """The backflushed component an actual issue is for: its operation as given, or the one
+    operation of the order's BOM that backflushes the material."""
+    operations = [
+        c.operation
+        for c in bom.components
+        if c.material == command.material and c.method is PostingMethod.BACKFLUSH
+    ]
+    if not operations:
+        raise CommandRefused(
+            f"material: {command.material} is not backflushed by {bom.ref} (order {order})"
+        )
+    if command.operation is None:
+        if len(set(operations)) > 1:
+            raise CommandRefused(
+                f"operation: {command.material} is backflushed at {', '.join(operations)}: "
+                "say which"
+            )
+        return (operations[0], command.material, PostingMethod.BACKFLUSH)
+    if command.operation not in operations:
+        raise CommandRefused(
+            f"operation: {command.material} is backflushed at {', '.join(operations)}, "
+            f"not {command.operation}"
+        )
+    return (command.operation, command.material, PostingMethod.BACKFLUSH)
 
 
 def _variance_line(v: ComponentVariance) -> VarianceLine:

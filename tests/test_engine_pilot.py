@@ -171,6 +171,22 @@ async def test_a_refused_actual_issue_changes_nothing(
     assert await snapshot(store) == before
 
 
+async def test_a_setup_issue_may_come_before_the_first_count(tmp_path: Path, store: Store) -> None:
+    engine, mes, line = await pilot(tmp_path, store, shadow_materials=("RM-PERFUME",))
+    before = await snapshot(store)
+    refused = await mes.send("actual-issue", **issue(material="RM-BASE", phase="setup"))
+    assert refused.result == "rejected"
+    assert await snapshot(store) == before  # no order state made for a refused issue
+    assert "WO-7" not in engine.order_states
+    setup = await mes.send("actual-issue", **issue(quantity="0.020", phase="setup"))
+    assert setup.result == "accepted", setup.reason
+    assert engine.order_states["WO-7"].shadow == ["RM-PERFUME"]  # fixed from here
+    messages = await run_wo7(engine, store, line)
+    assert [m.quantity for m in messages if isinstance(m, ShadowConsumption)] == [Decimal("0.1")]
+    record = engine.order_states["WO-7"].actuals[("10", "RM-PERFUME", PostingMethod.BACKFLUSH)]
+    assert (record["quantity"], record["setup"]) == ("0.02", "0.02")
+
+
 async def test_a_zero_or_malformed_actual_issue_is_rejected_by_its_field(
     tmp_path: Path, store: Store
 ) -> None:

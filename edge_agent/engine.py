@@ -356,8 +356,9 @@ class OrderState:
     #: the materials this order backflushes in shadow (a pilot; ``["*"]``: all), fixed from
     #: ``[pilot]`` at its first posting (None: not decided yet)
     shadow: list[str] | None = None
-    #: a pilot's actual issues per shadowed component: totals as decimal strings ("quantity",
-    #: and by phase "setup", "running", "untagged"), "issues" and "lots" (lot → quantity)
+    #: a pilot's actual issues per shadowed component: totals by phase as decimal strings
+    #: ("setup", "running", "untagged"), "issues" and "lots" (lot → quantity); the total is
+    #: :func:`actual_issued`
     actuals: dict[ComponentKey, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -2371,7 +2372,7 @@ class Engine:
             self.config.orders.variance_threshold_pct,
             state.bindings,
             residual=residual,
-            actual_issues={k: parse_decimal(a["quantity"]) for k, a in state.actuals.items()},
+            actual_issues={k: actual_issued(a) for k, a in state.actuals.items()},
         )
         # the remnants are back in stock: they leave the line's staging
         self._update_lots(replace(lots[r.lot], quantity=Decimal(0)) for r in remnants)
@@ -2782,7 +2783,6 @@ class Engine:
         except UnitError as exc:
             raise CommandRefused(f"uom: {exc}") from None
         record = (known.actuals.get(key) if known is not None else None) or {
-            "quantity": "0",
             "setup": "0",
             "running": "0",
             "untagged": "0",
@@ -2790,11 +2790,11 @@ class Engine:
             "lots": {},
         }
         exact = to_decimal(quantity)
-        total = parse_decimal(record["quantity"]) + exact
-        if total < 0:
+        issued = actual_issued(record)
+        if issued + exact < 0:
             raise CommandRefused(
                 f"quantity: returns of {command.material} to order {order} would exceed its "
-                f"issues ({fmt(parse_decimal(record['quantity']))} {material.uom} issued)"
+                f"issues ({fmt(issued)} {material.uom} issued)"
             )
         phase = command.phase or "untagged"
         # every check passed: the order's state, and its shadow set, are fixed from here
@@ -2805,7 +2805,6 @@ class Engine:
             lots[command.lot] = fmt(parse_decimal(lots.get(command.lot, "0")) + exact)
         state.actuals[key] = {
             **record,
-            "quantity": fmt(total),
             phase: fmt(parse_decimal(record[phase]) + exact),
             "issues": int(record["issues"]) + 1,
             "lots": lots,
@@ -3037,6 +3036,12 @@ class Engine:
 
 _HALF_UP = Rounding.HALF_UP
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def actual_issued(record: Mapping[str, Any]) -> Decimal:
+    """The actual issues of one shadowed component (:attr:`OrderState.actuals`), net of
+    returns: the sum of its phases."""
+    return sum((parse_decimal(record[p]) for p in ("setup", "running", "untagged")), Decimal(0))
 
 
 def _shadow_component(bom: ExplodedBom, order: str, command: ActualIssueCommand) -> ComponentKey:

@@ -54,7 +54,7 @@ from edge_agent.domain.pilot import (
     total,
 )
 from edge_agent.domain.quantities import fmt, to_decimal
-from edge_agent.engine import OrderState
+from edge_agent.engine import OrderState, actual_issued
 from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.store import Store
 
@@ -194,7 +194,7 @@ def _order_evidence(pilot: Pilot, master: MasterData, state: OrderState) -> None
         scrap_pct = lines[0].scrap_pct if len(lines) == 1 else Decimal(0)
         bom_quantity = c.rate / (1 + Fraction(scrap_pct) / 100)
         record = state.actuals.get(c.key)
-        actual = parse_decimal(record["quantity"]) if record else Decimal(0)
+        actual = actual_issued(record) if record else Decimal(0)
         tagged = record is not None and parse_decimal(record["untagged"]) == 0
         evidence = OrderEvidence(
             order=state.order,

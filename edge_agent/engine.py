@@ -2133,6 +2133,9 @@ class Engine:
     def _command(self, event: CommandEvent) -> None:
         """Validate, apply once, reply: a rejected command changes nothing but the reply."""
         if event.kind in COMMAND_MODELS and event.kind not in self.config.commands.accept:
+            if event.kind == "heartbeat":  # a beacon, never answered: not a warning each time
+                log.debug("heartbeat_ignored", reason="not in [commands] accept")
+                return
             accepted = ", ".join(self.config.commands.accept)
             refused = f"topic: this agent does not accept {event.kind!r} (accepted: {accepted})"
             log.warning("command_rejected", kind=event.kind, reason=refused)

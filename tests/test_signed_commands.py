@@ -22,13 +22,13 @@ from structlog.testing import capture_logs
 
 from edge_agent.commands import Signing, canonical_form, parse_command, sign, signature_problem
 from edge_agent.config import CommandsSection, parse_config
-from edge_agent.engine import Engine
+from edge_agent.engine import CommandEvent, Engine
 from edge_agent.errors import ConfigError, InputError
 from edge_agent.store import Store
 from edge_agent.uplink.mqtt import parse_mes_ack
 from simulators.mes import MesSimulator
 from tests.support.broker import Broker, require_protocol
-from tests.test_engine import LOTS, MASTER, ORDERS, Clock, commit, make_config
+from tests.test_engine import LOTS, MASTER, ORDERS, Clock, commit, make_config, outbox
 from tests.test_engine_commands import MASTER_DOC, Mes, snapshot
 from tests.test_mes_contract import make_config as contract_config
 from tests.test_mes_contract import running
@@ -296,7 +296,7 @@ async def test_a_kind_the_agent_does_not_accept_is_refused_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
     async with Store.open(tmp_path / "agent.db") as store:
-        _engine, mes, clock = await signed_engine(tmp_path, store, accept=["work-order"])
+        engine, mes, clock = await signed_engine(tmp_path, store, accept=["work-order"])
         before = await snapshot(store)
         body = json.loads(mes.payload("master-data", master_data=MASTER_DOC))
         body.update(issued_at=_time(clock.now), issued_by="jdoe")
@@ -309,6 +309,13 @@ async def test_a_kind_the_agent_does_not_accept_is_refused_and_changes_nothing(
         assert (await mes.raw("work-order", signed_payload(mes, clock, **RELEASE))).result == (
             "accepted"
         )
+        # a heartbeat left out is ignored: it is never answered, and it sets no clock
+        replies = len(await outbox(store))
+        beat = sign({"schema": "edge-agent/heartbeat", "version": 1, "mes_time": "x"}, KEY)
+        engine.apply(CommandEvent("heartbeat", json.dumps(beat).encode(), clock.tick()))
+        await commit(engine, store)
+        assert len(await outbox(store)) == replies
+        assert engine.clock_state.mes_offset_s is None
 
 
 # ------------------------------------------------------------------------------ over a broker

@@ -213,23 +213,17 @@ class MqttTls(_Section):
     key_file: ConfigPath | None = None
     key_password: Secret | None = None
 
-    @field_validator("ca_file")
+    @field_validator("ca_file", "cert_file")
     @classmethod
-    def _ca_loads(cls, value: Path) -> Path:
-        try:
-            ssl.create_default_context().load_verify_locations(cafile=value)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(_pem_problem(value, exc, "a PEM CA certificate")) from None
-        return value
-
-    @field_validator("cert_file")
-    @classmethod
-    def _cert_loads(cls, value: Path | None) -> Path | None:
+    def _certificate_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None:  # a certificate (and its chain) loads as a trust anchor too
             try:
                 ssl.create_default_context().load_verify_locations(cafile=value)
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError(_pem_problem(value, exc, "a PEM certificate")) from None
+                what = (
+                    "a PEM CA certificate" if info.field_name == "ca_file" else "a PEM certificate"
+                )
+                raise ValueError(_pem_problem(value, exc, what)) from None
         return value
 
     @field_validator("key_file")

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
@@ -359,22 +359,22 @@ class AgentMetrics(Collector):
             age,
         )
 
-        events = CounterMetricFamily(
+        yield _by_label(
+            "counter",
             "edge_agent_events",
             "Events the engine applied since start, by kind (signal, command, connection)",
-            labels=["agent", "kind"],
+            agent,
+            "kind",
+            s.events,
         )
-        for kind, n in sorted(s.events.items()):
-            events.add_metric([agent, kind], n)
-        yield events
-        queued = CounterMetricFamily(
+        yield _by_label(
+            "counter",
             "edge_agent_messages_queued",
             "Messages the engine committed to the outbox since start, by kind",
-            labels=["agent", "kind"],
+            agent,
+            "kind",
+            _from_zero(s.messages, Kind),
         )
-        for kind, n in sorted(_from_zero(s.messages, Kind).items()):
-            queued.add_metric([agent, kind], n)
-        yield queued
         yield _counter(
             "edge_agent_messages_published",
             "Messages acknowledged (broker PUBACK, or the MES in mes-ack delivery) and removed "
@@ -487,33 +487,33 @@ class AgentMetrics(Collector):
             yield histogram
 
     def _exceptions(self, s: Snapshot, agent: str) -> Iterator[Metric]:
-        raised = CounterMetricFamily(
+        yield _by_label(
+            "counter",
             "edge_agent_exceptions_raised",
             "Exception messages raised since start, by code (lot_held: a posting blocked for "
             "want of a lot; order_held, order_closed, unknown_order, counter_jump: counts kept, "
             "not posted; ...)",
-            labels=["agent", "code"],
+            agent,
+            "code",
+            _from_zero(s.exceptions, ExceptionCode),
         )
-        for code, n in sorted(_from_zero(s.exceptions, ExceptionCode).items()):
-            raised.add_metric([agent, code], n)
-        yield raised
-        resolved = CounterMetricFamily(
+        yield _by_label(
+            "counter",
             "edge_agent_exceptions_resolved",
             "Exceptions resolved since start, by code",
-            labels=["agent", "code"],
-        )
-        for code, n in sorted(_from_zero(s.resolved, ExceptionCode).items()):
-            resolved.add_metric([agent, code], n)
-        yield resolved
-        open_ = GaugeMetricFamily(
-            "edge_agent_open_exceptions",
-            "Exceptions open now (the retained status lists them), by code",
-            labels=["agent", "code"],
+            agent,
+            "code",
+            _from_zero(s.resolved, ExceptionCode),
         )
         now_open = Counter(e["code"] for e in s.status.get("open_exceptions", ()))
-        for code, n in sorted(_from_zero(now_open, ExceptionCode).items()):
-            open_.add_metric([agent, code], n)
-        yield open_
+        yield _by_label(
+            "gauge",
+            "edge_agent_open_exceptions",
+            "Exceptions open now (the retained status lists them), by code",
+            agent,
+            "code",
+            _from_zero(now_open, ExceptionCode),
+        )
 
         yield _counter(
             "edge_agent_reversals",
@@ -575,15 +575,15 @@ class AgentMetrics(Collector):
         yield theoretical
         yield used
         yield variance
-        flagged = CounterMetricFamily(
+        yield _by_label(
+            "counter",
             "edge_agent_variance_lines_flagged",
             "Close-variance lines beyond orders.variance_threshold_pct (closed orders in the "
             "store)",
-            labels=["agent", "material"],
+            agent,
+            "material",
+            _from_zero(s.flagged, s.materials),
         )
-        for material, n in sorted(_from_zero(s.flagged, s.materials).items()):
-            flagged.add_metric([agent, material], n)
-        yield flagged
 
 
 def _from_zero(counts: Mapping[str, int], known: Iterable[str]) -> dict[str, int]:
@@ -597,6 +597,23 @@ def _by_material(
     """``quantities`` by (material, uom) with every material of the master data, 0 where it
     has none."""
     return {**dict.fromkeys(materials.items(), _ZERO), **quantities}
+
+
+def _by_label(
+    kind: Literal["counter", "gauge"],
+    name: str,
+    doc: str,
+    agent: str,
+    label: str,
+    values: Mapping[str, int],
+) -> Metric:
+    """A family with one sample per value of ``label``, in order."""
+    family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+        name, doc, labels=["agent", label]
+    )
+    for value, n in sorted(values.items()):
+        family.add_metric([agent, value], n)
+    return family
 
 
 def _gauge(name: str, doc: str, agent: str, value: float | Decimal) -> GaugeMetricFamily:

@@ -15,12 +15,18 @@ from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edge_agent.domain.quantities import Rounding, fmt, round_to_increment
 from edge_agent.logs import configure_logging
-from simulators.shift import DEMO_FEED_LOTS, Reconciliation, ShiftPlan, SourceKind, run_shift
+from simulators.shift import (
+    DEMO_FEED_LOTS,
+    Reconciliation,
+    ShiftPlan,
+    SourceKind,
+    run_shift,
+    units_bar,
+)
 
 
 def run_shift_demo(
@@ -55,27 +61,8 @@ def run_shift_demo(
     logging.getLogger("asyncua").setLevel(logging.ERROR)  # security-policy notes of the sim
     with tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as tmp:
         work = workdir or Path(tmp)
-        with Progress(
-            TextColumn("[bold]{task.fields[phase]:<44}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("units"),
-            TimeElapsedColumn(),
-            console=out,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("shift", total=plan.units, phase="starting")
-
-            def report(units: int, what: str, milestone: bool) -> None:
-                if milestone:
-                    progress.console.print(
-                        f"  {time.monotonic() - started:5.1f} s  {units:>4} units  {what}",
-                        markup=False,
-                    )
-                progress.update(task, completed=units, phase=what)
-
+        with units_bar(out, plan.units, started) as report:
             result = asyncio.run(run_shift(work, plan, broker, report, kind=kind))
-            progress.update(task, phase="done")
         _print(out, result, time.monotonic() - started)
     return 0 if result.ok else 1
 

@@ -54,7 +54,6 @@ from typing import Any, Literal
 
 import tomli_w
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edge_agent.config import Config, parse_config, parse_host_port
@@ -67,7 +66,7 @@ from edge_agent.messages import wire_time
 from simulators.broker import EmbeddedBroker, free_port
 from simulators.mes import MesSimulator
 from simulators.opcua_plc import LinePlc
-from simulators.shift import CONFIG_DIR, FILL, MIX, AgentProcess
+from simulators.shift import CONFIG_DIR, FILL, MIX, AgentProcess, units_bar
 
 PRODUCT, REVISION = "FG-100", "C"
 #: the revision the proposal is written as (``--proposal FILE --revision NAME``)
@@ -798,30 +797,12 @@ def run_demo(
     started = time.monotonic()
     configure_logging("error", "console", sys.stderr)
     logging.getLogger("asyncua").setLevel(logging.ERROR)
-    with Progress(
-        TextColumn("[bold]{task.fields[phase]:<40}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units"),
-        TimeElapsedColumn(),
-        console=out,
-    ) as progress:
-        task = progress.add_task("pilot", total=plan.units, phase="starting")
-
-        def report(units: int, what: str, milestone: bool) -> None:
-            if milestone:
-                progress.console.print(
-                    f"  {time.monotonic() - started:5.1f} s  {units:>5} units  {what}",
-                    markup=False,
-                )
-            progress.update(task, completed=units, phase=what)
-
+    with units_bar(out, plan.units, started) as report:
         try:
             run = asyncio.run(run_pilot(workdir / "run", plan, broker, report))
         except RuntimeError as exc:
             out.print(f"[bold red]The pilot did not run through: {exc}[/bold red]")
             return 1
-        progress.update(task, phase="done")
     pilot_s = time.monotonic() - started
     files = ReportFiles.under(workdir, charts=_have_matplotlib())
     out.print(f"\n[bold]$ edge-agent {' '.join(files.argv(run.config_path))}[/bold]\n")

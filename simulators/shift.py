@@ -27,8 +27,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -37,6 +38,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
 import tomli_w
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 
 from edge_agent.config import Config, parse_config
 from edge_agent.documents import load_master, load_orders_file
@@ -142,6 +146,32 @@ class Reconciliation:
 
 #: (units made so far, what is happening, whether it is a milestone worth keeping on screen)
 Progress = Callable[[int, str, bool], None]
+
+
+@contextlib.contextmanager
+def units_bar(out: Console, total: int, started: float) -> Iterator[Progress]:
+    """A progress bar of the units made, for a person watching a demo: the :data:`Progress`
+    callback to hand the run; a milestone stays on screen with its time since ``started``."""
+    with RichProgress(
+        TextColumn("[bold]{task.fields[phase]:<44}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units"),
+        TimeElapsedColumn(),
+        console=out,
+    ) as bar:
+        task = bar.add_task("run", total=total, phase="starting")
+
+        def report(units: int, what: str, milestone: bool) -> None:
+            if milestone:
+                bar.console.print(
+                    f"  {time.monotonic() - started:5.1f} s  {units:>5} units  {what}",
+                    markup=False,
+                )
+            bar.update(task, completed=units, phase=what)
+
+        yield report
+        bar.update(task, phase="done")
 
 
 class BrokerControl(Protocol):

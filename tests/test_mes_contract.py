@@ -38,10 +38,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 pytestmark = pytest.mark.asyncio
 
 
-def make_config(broker: Broker, tmp_path: Path, protocol: str = "5") -> Config:
+def example_line(tmp_path: Path, unstaged: str) -> dict[str, Any]:
+    """The example line's configuration with its store in ``tmp_path`` and no lot of
+    ``unstaged`` (its requirements are held until a test stages one)."""
     data = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
     lots = json.loads((CONFIG_DIR / "lots.json").read_text())
-    lots["lots"] = [x for x in lots["lots"] if x["material"] != "RM-PERFUME"]  # to be staged
+    lots["lots"] = [x for x in lots["lots"] if x["material"] != unstaged]
     (tmp_path / "lots.json").write_text(json.dumps(lots))
     data["masterdata"] = {
         "path": str(CONFIG_DIR / "masterdata.json"),
@@ -49,6 +51,11 @@ def make_config(broker: Broker, tmp_path: Path, protocol: str = "5") -> Config:
         "lots": str(tmp_path / "lots.json"),
     }
     data["store"]["path"] = str(tmp_path / "agent.db")
+    return data
+
+
+def make_config(broker: Broker, tmp_path: Path, protocol: str = "5") -> Config:
+    data = example_line(tmp_path, "RM-PERFUME")  # to be staged
     data["mqtt"].update(
         {
             "host": broker.host,

@@ -42,7 +42,7 @@ from simulators.broker import EmbeddedBroker, free_port
 from simulators.mes import MesSimulator
 from simulators.opcua_plc import LinePlc
 from tests.support.broker import Broker
-from tests.test_mes_contract import received, reply
+from tests.test_mes_contract import example_line, received, reply
 from tests.test_mes_contract import wait as mes_wait
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -132,16 +132,7 @@ def agent_config(
 ) -> Config:
     """The example line: its PLCs on ``plc_port``, no PK-CAP lot staged (caps are held until
     the test stages one), the metrics endpoint on ``metrics_port``."""
-    data = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
-    lots = json.loads((CONFIG_DIR / "lots.json").read_text())
-    lots["lots"] = [x for x in lots["lots"] if x["material"] != "PK-CAP"]
-    (tmp_path / "lots.json").write_text(json.dumps(lots))
-    data["masterdata"] = {
-        "path": str(CONFIG_DIR / "masterdata.json"),
-        "orders": str(CONFIG_DIR / "orders.json"),
-        "lots": str(tmp_path / "lots.json"),
-    }
-    data["store"]["path"] = str(tmp_path / "agent.db")
+    data = example_line(tmp_path, "PK-CAP")
     data["mqtt"].update(
         {
             "port": mqtt_port,
@@ -525,16 +516,7 @@ def test_a_port_in_use_stops_run_with_a_clear_error_before_anything_starts(
 async def test_an_order_closed_with_caps_held_is_an_incomplete_genealogy(tmp_path: Path) -> None:
     """The engine alone (no sources, no uplink): a close with a posted quantity still waiting
     for a lot is not full linkage; held requirements and variance come from the same state."""
-    data = copy.deepcopy(tomllib.loads((CONFIG_DIR / "line.toml").read_text()))
-    lots = json.loads((CONFIG_DIR / "lots.json").read_text())
-    lots["lots"] = [x for x in lots["lots"] if x["material"] != "PK-CAP"]
-    (tmp_path / "lots.json").write_text(json.dumps(lots))
-    data["masterdata"] = {
-        "path": str(CONFIG_DIR / "masterdata.json"),
-        "orders": str(CONFIG_DIR / "orders.json"),
-        "lots": str(tmp_path / "lots.json"),
-    }
-    data["store"]["path"] = str(tmp_path / "agent.db")
+    data = example_line(tmp_path, "PK-CAP")
     config = parse_config(data)
     async with Store.open(tmp_path / "agent.db") as store:
         docs = await load_documents(config, store)
